@@ -1,0 +1,15 @@
+"""cnnpress: compress convolutional neural networks for memory-constrained devices.
+
+Public API: :func:`compress`, :func:`summary`, :mod:`models`, :mod:`methods`.
+"""
+
+from __future__ import annotations
+
+from cnnpress import methods, models
+from cnnpress.api import compress
+from cnnpress.cost import summary
+from cnnpress.errors import CnnpressError
+
+__all__ = ["CnnpressError", "compress", "methods", "models", "summary"]
+
+__version__ = "0.1.0"

@@ -1,0 +1,88 @@
+"""The ``cnnpress`` command: parses, calls the library, prints (rich tables or JSON)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from rich.console import Console
+
+from cnnpress.errors import CnnpressError
+
+__all__ = ["build_parser", "main"]
+
+
+def _train_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", help="YAML recipe; flags override its values")
+    p.add_argument("--model", help="architecture (see `cnnpress.models.names()`), e.g. resnet20")
+    p.add_argument("--data", help="dataset: fashion-mnist, mnist, cifar10 or synthetic")
+    p.add_argument("--data-dir", help="folder with the dataset files")
+    p.add_argument("--out", help="run folder (default runs/<model>-<method>)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--optimizer", choices=["sgd", "adam"])
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--bn-recalibrate", type=int, help="batches to re-estimate BN stats before eval")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="cnnpress", description="Compress convolutional networks (SLBF and classic methods)."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a full-precision model")
+    _train_options(p)
+
+    p = sub.add_parser("compress", help="compress a model with a method and train it")
+    _train_options(p)
+    p.add_argument("--method", help="compression method (see `cnnpress.methods.names()`)")
+    p.add_argument("--init", help="start from trained weights (a run folder or model file)")
+    p.add_argument("--slice-channels", type=int, help="SLBF slice width d")
+    p.add_argument("--num-filters", type=int, help="SLBF bank size m")
+
+    p = sub.add_parser("evaluate", help="test accuracy of a trained model")
+    p.add_argument("model_file", help="run folder or model.safetensors")
+    p.add_argument("--data", help="dataset (default: the one it was trained on)")
+    p.add_argument("--data-dir")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("summary", help="per-layer bits, MACs and compression ratio")
+    p.add_argument("model_file", help="run folder or model.safetensors")
+    p.add_argument("--input-shape", help="C,H,W (default: the dataset's)")
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; user errors print one line and return exit code 2."""
+    from cnnpress.cli import commands
+
+    args = build_parser().parse_args(argv)
+    console = Console()
+    err = Console(stderr=True)
+    try:
+        result = getattr(commands, f"cmd_{args.command}")(args, console, err)
+    except (CnnpressError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"cnnpress: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cnnpress: interrupted; resume with --resume", file=sys.stderr)
+        return 130
+    if getattr(args, "json", False) and result is not None:
+        print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

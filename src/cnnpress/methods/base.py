@@ -1,0 +1,162 @@
+"""The method contract: what every compression method provides.
+
+A method is a registered class with a frozen config dataclass. ``convert`` replaces the layers
+it compresses (default rule: every ``Conv2d`` but the first; ``Linear`` layers on request;
+per-layer overrides by module name or glob). The training behaviour lives in the new layers.
+``cost`` reports stored bits and operations from the same numbers that a packed file holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import nn
+
+from cnnpress.errors import ConfigError
+from cnnpress.registry import Registry
+
+__all__ = [
+    "METHODS",
+    "LayerCost",
+    "Method",
+    "MethodConfig",
+    "config_from_dict",
+    "replace_module",
+    "select_layers",
+]
+
+METHODS: Registry = Registry("method")
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """Storage and work of one layer at one input size.
+
+    Attributes:
+        stored_bits: Bits the layer needs at inference, as packed in a file.
+        fp32_bits: Bits of the same layer kept in float32 (what it replaces).
+        macs: Full-precision multiply-accumulates.
+        binary_macs: Multiply-accumulates with a +-1 weight (an add or a subtract).
+        adds: Plain additions (for example SLBF's merge of slice responses).
+    """
+
+    stored_bits: int
+    fp32_bits: int
+    macs: int = 0
+    binary_macs: int = 0
+    adds: int = 0
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Settings shared by every method.
+
+    Attributes:
+        include_first: Also compress the first convolution (default rule keeps it fp32).
+        include_linear: Also compress Linear layers (the classifier).
+        layers: Per-layer overrides, ``{name-or-glob: {setting: value}}``, applied in order.
+            A value of ``None`` or ``{"skip": True}`` keeps the layer in fp32;
+            ``{"include": True}`` compresses a layer the default rule leaves alone.
+    """
+
+    include_first: bool = False
+    include_linear: bool = False
+    layers: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able settings."""
+        return dataclasses.asdict(self)
+
+
+def config_from_dict(cls: type, values: dict[str, Any]) -> Any:
+    """Build config ``cls`` from a dict, refusing unknown keys with one clear line."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown setting(s) {', '.join(unknown)} for {cls.__name__}; "
+            f"valid settings: {', '.join(sorted(known))}"
+        )
+    try:
+        return cls(**values)
+    except TypeError as err:
+        raise ConfigError(f"bad settings for {cls.__name__}: {err}") from None
+
+
+def select_layers(
+    model: nn.Module, config: MethodConfig, kinds: tuple[type, ...] = (nn.Conv2d, nn.Linear)
+) -> list[tuple[str, nn.Module, dict[str, Any]]]:
+    """The layers a method compresses, with their per-layer setting overrides.
+
+    Default rule: every ``nn.Conv2d`` with ``groups == 1`` except the first one met in module
+    order, and ``nn.Linear`` layers only when ``config.include_linear``.
+
+    Returns:
+        ``(name, module, overrides)`` for each selected layer, in module order.
+    """
+    chosen = []
+    first_conv_seen = False
+    patterns = dict(config.layers)
+    matched: set[str] = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, kinds):
+            continue
+        if isinstance(module, nn.Conv2d):
+            default = module.groups == 1 and (first_conv_seen or config.include_first)
+            first_conv_seen = True
+        else:
+            default = isinstance(module, nn.Linear) and config.include_linear
+        include, overrides = default, {}
+        for pattern, value in patterns.items():
+            if not fnmatch.fnmatchcase(name, pattern):
+                continue
+            matched.add(pattern)
+            if value is None:
+                include = False
+                continue
+            if not isinstance(value, dict):
+                raise ConfigError(f"layers[{pattern!r}] must be a mapping of settings or null")
+            value = dict(value)
+            if value.pop("skip", False):
+                include = False
+            if value.pop("include", False):
+                include = True
+            overrides.update(value)
+        if include:
+            chosen.append((name, module, overrides))
+    unused = sorted(set(patterns) - matched)
+    if unused:
+        raise ConfigError(f"layer pattern(s) {', '.join(unused)} match no layer of the model")
+    return chosen
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the submodule called ``name`` is."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+class Method:
+    """Base class of compression methods. Subclasses set ``name``, ``Config``, ``layer_types``.
+
+    Subclasses implement :meth:`convert` and :meth:`cost`; training hooks are optional.
+    """
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type] = MethodConfig
+    layer_types: ClassVar[tuple[type, ...]] = ()
+
+    def convert(self, model: nn.Module, config: Any) -> nn.Module:
+        """Replace the layers this method compresses, in place; returns the model."""
+        raise NotImplementedError
+
+    def cost(self, layer: nn.Module, input_shape: tuple[int, ...]) -> LayerCost:
+        """Stored bits and operations of one compressed layer for one input (C, H, W)."""
+        raise NotImplementedError
+
+    def on_epoch_end(self, model: nn.Module, epoch: int, epochs: int) -> None:
+        """Called after each training epoch (schedules). Default: nothing."""

@@ -1,0 +1,385 @@
+"""SLBF: stacking low-dimensional binary filters.
+
+Lan & Lan, "Compressing Deep Convolutional Neural Networks by Stacking Low-dimensional Binary
+Convolution Filters", AAAI 2021 (arXiv:2010.02778).
+
+A layer with ``n`` filters over ``c`` input channels and a ``k x k`` kernel is cut into
+``s = c / d`` slices of ``d`` channels. One shared bank ``B`` in {-1,+1}^(m x d x k x k) holds
+``m`` binary filters; filter ``i`` is the stack over slices ``j`` of ``B[p(i, j)]`` (times an
+optional scale ``alpha_i``)::
+
+    W[i, j*d:(j+1)*d] = alpha_i * B[p(i, j)]
+
+Training: ``B = sign(P)`` of a full-precision proxy ``P`` with the clipped straight-through
+estimator (gradient passed where ``|P| <= 1``); ``p(i, j) = argmax_t Q[i, j, t]`` of real
+logits ``Q`` (n x s x m), used as a one-hot vector forward and passing the gradient to ``Q``
+unchanged backward.
+
+Forward by split-transform-merge: a grouped conv of the input (``s`` groups) with the bank
+gives ``s*m`` maps ``z[j, t] = x_j * B[t]``; output ``i`` is ``sum_j z[j, p(i, j)]``. By
+linearity this equals the dense conv with the stacked filters, which is the path used while
+training (cheaper in PyTorch, same values and same gradients; the tests check both).
+
+Stored bits: ``m*d*k*k`` (bank) + ``n*s*ceil(log2 m)`` (indices) + 32 per scale and bias.
+Operations per output pixel: ``m*c*k*k`` binary-weight MACs and ``n*s`` additions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cnnpress.errors import ConfigError
+from cnnpress.methods.base import (
+    METHODS,
+    LayerCost,
+    Method,
+    MethodConfig,
+    config_from_dict,
+    replace_module,
+    select_layers,
+)
+from cnnpress.quantizers import binary_sign, one_hot_argmax_ste, sign_ste
+
+__all__ = ["SLBF", "SLBFConfig", "SLBFConv2d", "SLBFLinear", "index_bits"]
+
+MAX_FILTERS = 2**16
+PATHS = ("auto", "dense", "stm")
+
+
+def index_bits(num_filters: int) -> int:
+    """Bits of one selection index into a bank of ``num_filters`` filters: ceil(log2 m)."""
+    return max(1, math.ceil(math.log2(num_filters)))
+
+
+def _check(in_channels: int, slice_channels: int, num_filters: int, where: str = "") -> None:
+    at = f"layer {where}: " if where else ""
+    if not isinstance(slice_channels, int) or slice_channels < 1:
+        raise ConfigError(f"{at}slice_channels must be a positive integer, got {slice_channels!r}")
+    if in_channels % slice_channels:
+        divisors = [v for v in range(1, in_channels + 1) if in_channels % v == 0]
+        raise ConfigError(
+            f"{at}slice_channels {slice_channels} does not divide the {in_channels} input "
+            f"channels; choose one of {divisors} (per layer: layers: {{NAME: {{slice_channels: D}}}})"
+        )
+    if not isinstance(num_filters, int) or not 2 <= num_filters <= MAX_FILTERS:
+        raise ConfigError(
+            f"{at}num_filters must be an integer from 2 to {MAX_FILTERS}, got {num_filters!r}"
+        )
+
+
+class _SLBFBase(nn.Module):
+    """Bank proxy, selection logits, optional scale and bias shared by conv and linear layers."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: tuple[int, int],
+        slice_channels: int,
+        num_filters: int,
+        scale: bool,
+        bias: bool,
+    ) -> None:
+        super().__init__()
+        _check(in_channels, slice_channels, num_filters)
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = kernel_size
+        self.slice_channels, self.num_filters = slice_channels, num_filters
+        self.num_slices = in_channels // slice_channels
+        kh, kw = kernel_size
+        self.bank_proxy = nn.Parameter(torch.empty(num_filters, slice_channels, kh, kw))
+        self.logits = nn.Parameter(torch.empty(out_channels, self.num_slices, num_filters))
+        fan_in = in_channels * kh * kw
+        self.scale = nn.Parameter(torch.full((out_channels,), fan_in**-0.5)) if scale else None
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        nn.init.uniform_(self.bank_proxy, -1.0, 1.0)
+        nn.init.normal_(self.logits, std=1e-2)
+        self.path = "auto"
+
+    # -- the binary parts -------------------------------------------------------------------
+    def bank(self) -> torch.Tensor:
+        """The binary bank B in {-1,+1}, shape (m, d, kh, kw) (no gradient)."""
+        return binary_sign(self.bank_proxy.detach())
+
+    def indices(self) -> torch.Tensor:
+        """Selections p(i, j), shape (n, s), int64 in [0, m)."""
+        return self.logits.detach().argmax(dim=-1)
+
+    def bank_usage(self) -> int:
+        """How many of the m bank filters are selected at least once."""
+        return int(self.indices().unique().numel())
+
+    def usage_counts(self) -> torch.Tensor:
+        """How often each bank filter is selected, shape (m,)."""
+        return torch.bincount(self.indices().flatten(), minlength=self.num_filters)
+
+    def stacked_weight(self) -> torch.Tensor:
+        """Dense filters (n, c, kh, kw): the stacked bank filters times the scales.
+
+        Differentiable: gradients reach the bank proxy (sign STE) and the logits (one-hot STE).
+        """
+        onehot = one_hot_argmax_ste(self.logits)  # n, s, m
+        bank = sign_ste(self.bank_proxy)  # m, d, kh, kw
+        w = torch.einsum("nsm,mdhw->nsdhw", onehot, bank)
+        w = w.reshape(self.out_channels, self.in_channels, *self.kernel_size)
+        if self.scale is not None:
+            w = w * self.scale.view(-1, 1, 1, 1)
+        return w
+
+    def load_selection(self, indices: torch.Tensor, bank: torch.Tensor, margin: float = 1.0) -> None:
+        """Set the selections and the bank: logits favour ``indices`` by ``margin``."""
+        with torch.no_grad():
+            self.logits.zero_()
+            self.logits.scatter_(-1, indices.long().unsqueeze(-1), margin)
+            self.bank_proxy.copy_(bank.to(self.bank_proxy.dtype))
+
+    def stored_bits(self) -> int:
+        """m*d*kh*kw + n*s*ceil(log2 m) + 32 per scale and bias."""
+        kh, kw = self.kernel_size
+        bits = self.num_filters * self.slice_channels * kh * kw
+        bits += self.out_channels * self.num_slices * index_bits(self.num_filters)
+        bits += 32 * self.out_channels * ((self.scale is not None) + (self.bias is not None))
+        return bits
+
+    def fp32_bits(self) -> int:
+        """Bits of the dense float32 layer this one replaces (weights and bias)."""
+        kh, kw = self.kernel_size
+        weights = self.out_channels * self.in_channels * kh * kw
+        return 32 * (weights + (self.out_channels if self.bias is not None else 0))
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"slice_channels={self.slice_channels}, num_filters={self.num_filters}, "
+            f"scale={self.scale is not None}, bias={self.bias is not None}, path={self.path}"
+        )
+
+
+class SLBFConv2d(_SLBFBase):
+    """A Conv2d whose filters are stacks of binary filters from one shared bank.
+
+    Args:
+        in_channels: Input channels ``c``.
+        out_channels: Filters ``n``.
+        kernel_size: ``k`` (int or pair).
+        stride, padding, dilation: As in ``nn.Conv2d``.
+        bias: Learn a float bias.
+        slice_channels: Slice width ``d``; must divide ``c``.
+        num_filters: Bank size ``m`` (2 to 2**16).
+        scale: Learn a per-filter scale ``alpha`` (leave off when BatchNorm follows).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
+        bias: bool = False,
+        slice_channels: int = 8,
+        num_filters: int = 16,
+        scale: bool = False,
+    ) -> None:
+        ks = nn.modules.utils._pair(kernel_size)
+        super().__init__(in_channels, out_channels, ks, slice_channels, num_filters, scale, bias)
+        self.stride = nn.modules.utils._pair(stride)
+        self.padding = nn.modules.utils._pair(padding)
+        self.dilation = nn.modules.utils._pair(dilation)
+
+    @classmethod
+    def from_conv(
+        cls, conv: nn.Conv2d, slice_channels: int, num_filters: int, scale: bool
+    ) -> SLBFConv2d:
+        """An SLBF layer of the same shape as ``conv`` (fresh bank and selections)."""
+        if isinstance(conv.padding, str):
+            raise ConfigError("SLBF needs numeric conv padding, not 'same'/'valid'")
+        return cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.bias is not None,
+            slice_channels,
+            num_filters,
+            scale,
+        )
+
+    def _conv(self, x: torch.Tensor, w: torch.Tensor, groups: int = 1) -> torch.Tensor:
+        return F.conv2d(x, w, None, self.stride, self.padding, self.dilation, groups)
+
+    def forward_dense(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense conv with the stacked filters (the training path)."""
+        y = self._conv(x, self.stacked_weight())
+        return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
+
+    def forward_stm(self, x: torch.Tensor) -> torch.Tensor:
+        """Split-transform-merge: grouped conv with the bank, then gather and sum per filter.
+
+        With gradients enabled the merge is a 1x1 conv with the one-hot selections (so the
+        logits get their STE gradient); without, it is an explicit gather of n*s maps and a sum.
+        """
+        s, m, n = self.num_slices, self.num_filters, self.out_channels
+        bank = sign_ste(self.bank_proxy)
+        z = self._conv(x, bank.repeat(s, 1, 1, 1), groups=s)  # N, s*m, H, W
+        if torch.is_grad_enabled():
+            onehot = one_hot_argmax_ste(self.logits).reshape(n, s * m, 1, 1)
+            y = F.conv2d(z, onehot)
+        else:
+            flat = self.indices() + torch.arange(s, device=z.device).mul(m).view(1, s)
+            y = z[:, flat.flatten()].unflatten(1, (n, s)).sum(dim=2)
+        if self.scale is not None:
+            y = y * self.scale.view(1, -1, 1, 1)
+        return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.path == "stm":
+            return self.forward_stm(x)
+        return self.forward_dense(x)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", stride={self.stride}, padding={self.padding}"
+
+
+class SLBFLinear(_SLBFBase):
+    """SLBF for a Linear layer: a 1x1 conv over ``in_features`` channels (k = 1)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        slice_channels: int = 8,
+        num_filters: int = 16,
+        scale: bool = True,
+    ) -> None:
+        super().__init__(in_features, out_features, (1, 1), slice_channels, num_filters, scale, bias)
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, slice_channels: int, num_filters: int, scale: bool
+    ) -> SLBFLinear:
+        """An SLBF layer of the same shape as ``linear``."""
+        return cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            slice_channels,
+            num_filters,
+            scale,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.stacked_weight().flatten(1)
+        return F.linear(x, w, self.bias)
+
+
+@dataclass(frozen=True)
+class SLBFConfig(MethodConfig):
+    """SLBF settings (per layer overridable through ``layers``).
+
+    Attributes:
+        slice_channels: Slice width ``d`` (must divide each compressed layer's input channels).
+        num_filters: Bank size ``m`` per layer (2 to 2**16).
+        scale: Per-filter scales: ``None`` means on exactly where no BatchNorm follows.
+    """
+
+    slice_channels: int = 8
+    num_filters: int = 16
+    scale: bool | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.slice_channels, int) or self.slice_channels < 1:
+            raise ConfigError(
+                f"slice_channels must be a positive integer, got {self.slice_channels!r}"
+            )
+        if not isinstance(self.num_filters, int) or not 2 <= self.num_filters <= MAX_FILTERS:
+            raise ConfigError(
+                f"num_filters must be an integer from 2 to {MAX_FILTERS}, got {self.num_filters!r}"
+            )
+
+
+def _followed_by_batchnorm(model: nn.Module) -> set[str]:
+    """Names of conv/linear layers whose next leaf module (definition order) is a BatchNorm."""
+    names: set[str] = set()
+    previous: tuple[str, nn.Module] | None = None
+    for name, module in model.named_modules():
+        if next(module.children(), None) is not None:
+            continue  # containers carry no computation of their own
+        if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)) and previous is not None:
+            prev_name, prev = previous
+            width = getattr(prev, "out_channels", getattr(prev, "out_features", None))
+            if width == module.num_features:
+                names.add(prev_name)
+        previous = (name, module) if isinstance(module, (nn.Conv2d, nn.Linear)) else None
+    return names
+
+
+@METHODS.register("slbf")
+class SLBF(Method):
+    """SLBF (Lan & Lan, AAAI 2021): every filter a stack of binary filters from a shared bank."""
+
+    name = "slbf"
+    Config = SLBFConfig
+    layer_types = (SLBFConv2d, SLBFLinear)
+
+    def convert(self, model: nn.Module, config: SLBFConfig) -> nn.Module:
+        with_bn = _followed_by_batchnorm(model)
+        base = {f.name: getattr(config, f.name) for f in dataclasses.fields(SLBFConfig)}
+        for name, module, overrides in select_layers(model, config):
+            settings = config_from_dict(SLBFConfig, {**base, **overrides, "layers": {}})
+            c = module.in_channels if isinstance(module, nn.Conv2d) else module.in_features
+            _check(c, settings.slice_channels, settings.num_filters, name)
+            scale = settings.scale if settings.scale is not None else name not in with_bn
+            if isinstance(module, nn.Conv2d):
+                new: nn.Module = SLBFConv2d.from_conv(
+                    module, settings.slice_channels, settings.num_filters, scale
+                )
+            else:
+                new = SLBFLinear.from_linear(
+                    module, settings.slice_channels, settings.num_filters, scale
+                )
+            new.to(next(module.parameters()).device)
+            replace_module(model, name, new)
+        return model
+
+    def cost(self, layer: nn.Module, input_shape: tuple[int, ...]) -> LayerCost:
+        """Bits from :meth:`stored_bits`; per output pixel m*c*k*k binary MACs, n*s adds."""
+        if isinstance(layer, SLBFConv2d):
+            _, h, w = input_shape
+            kh, kw = layer.kernel_size
+            (sh, sw), (ph, pw), (dh, dw) = layer.stride, layer.padding, layer.dilation
+            oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+            ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+            pixels = oh * ow
+        else:
+            pixels = math.prod(input_shape[:-1]) if len(input_shape) > 1 else 1
+        kh, kw = layer.kernel_size
+        binary = layer.num_filters * layer.in_channels * kh * kw * pixels
+        adds = layer.out_channels * layer.num_slices * pixels
+        scale_macs = layer.out_channels * pixels if layer.scale is not None else 0
+        return LayerCost(layer.stored_bits(), layer.fp32_bits(), scale_macs, binary, adds)
+
+
+def describe(model: nn.Module) -> list[dict[str, Any]]:
+    """Per SLBF layer: name, d, m, bank usage (selected filters out of m)."""
+    return [
+        {
+            "layer": name,
+            "slice_channels": mod.slice_channels,
+            "num_filters": mod.num_filters,
+            "bank_used": mod.bank_usage(),
+        }
+        for name, mod in model.named_modules()
+        if isinstance(mod, _SLBFBase)
+    ]

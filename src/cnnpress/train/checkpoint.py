@@ -1,0 +1,167 @@
+"""Checkpoints and model weights as safetensors + JSON metadata: no pickle anywhere.
+
+A model file holds the state dict and, in its metadata, how to rebuild the model: the
+architecture (registry name and arguments), the compression method and its config, and the
+dataset spec. A training checkpoint adds the optimiser state, the RNG state and the epoch.
+Every write is atomic.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+from cnnpress.errors import CnnpressError
+from cnnpress.train.atomic import atomic_write_bytes
+
+__all__ = [
+    "CheckpointError",
+    "build_model",
+    "load_checkpoint",
+    "load_model",
+    "model_meta",
+    "read_meta",
+    "save_checkpoint",
+    "save_model",
+]
+
+_KEY = "cnnpress"
+
+
+class CheckpointError(CnnpressError):
+    """A checkpoint or weights file that is missing, corrupt or belongs to another model."""
+
+
+def model_meta(model: nn.Module, **extra: Any) -> dict[str, Any]:
+    """What it takes to rebuild ``model``: architecture, method and config, plus ``extra``."""
+    from cnnpress.models import arch_of
+
+    return {"arch": arch_of(model), "method": getattr(model, "cnnpress_method", None), **extra}
+
+
+def build_model(meta: dict[str, Any]) -> nn.Module:
+    """A fresh model of the recorded architecture with the recorded method applied."""
+    from cnnpress.api import compress
+    from cnnpress.models import create
+
+    arch = dict(meta["arch"])
+    model = create(arch.pop("name"), **arch)
+    method = meta.get("method")
+    if method:
+        model = compress(model, method["name"], **method["config"])
+    return model
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+
+
+def save_model(path: str | Path, model: nn.Module, **extra: Any) -> None:
+    """Write the weights and the rebuild metadata of ``model`` to ``path`` atomically."""
+    meta = json.dumps(model_meta(model, **extra))
+    atomic_write_bytes(path, st_save(_state(model), metadata={_KEY: meta}))
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """The cnnpress metadata of a safetensors file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(_KEY)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+    if raw is None:
+        raise CheckpointError(f"{path}: no cnnpress metadata; was it written by cnnpress?")
+    return json.loads(raw)
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return st_load(path.read_bytes())
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: corrupt safetensors data ({err})") from None
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    extra = sorted(set(state) - set(own))
+    wrong = sorted(k for k in own.keys() & state.keys() if own[k].shape != state[k].shape)
+    if missing or extra or wrong:
+        first = (missing or extra or wrong)[0]
+        raise CheckpointError(
+            f"{path} does not fit this model ({len(missing)} missing, {len(extra)} unexpected, "
+            f"{len(wrong)} mis-shaped tensors, e.g. {first!r}); was it saved from another model?"
+        )
+    model.load_state_dict(state)
+
+
+def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model saved at ``path`` (a weights file or a run folder); eval mode."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    meta = read_meta(path)
+    model = build_model(meta)
+    _load_state(model, _read_tensors(path), path)
+    return model.eval(), meta
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    epoch: int,
+    extra: dict[str, Any],
+) -> None:
+    """Everything needed to resume after ``epoch``: weights, optimiser, RNG; atomically."""
+    tensors = {f"model.{k}": v for k, v in _state(model).items()}
+    opt = optimizer.state_dict()
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, st in opt["state"].items():
+        for key, value in st.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{idx}.{key}"] = value.detach().cpu().contiguous().clone()
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta = {
+        "epoch": epoch,
+        "param_groups": opt["param_groups"],
+        "optim_scalars": scalars,
+        **model_meta(model),
+        **extra,
+    }
+    atomic_write_bytes(path, st_save(tensors, metadata={_KEY: json.dumps(meta)}))
+
+
+def load_checkpoint(
+    path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
+    """Restore weights, optimiser and RNG from ``path``; returns its metadata."""
+    path = Path(path)
+    meta = read_meta(path)
+    tensors = _read_tensors(path)
+    _load_state(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, path)
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+    for idx, values in meta["optim_scalars"].items():
+        state.setdefault(int(idx), {}).update(values)
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    except (ValueError, KeyError) as err:
+        raise CheckpointError(f"{path}: optimiser state does not fit ({err})") from None
+    torch.set_rng_state(tensors["rng.torch"])
+    return meta

@@ -1,0 +1,222 @@
+"""The training loop: SGD/Adam with a cosine schedule, progress, metrics, checkpoints, resume.
+
+A run folder holds ``config.yaml`` (the resolved settings), ``metrics.jsonl`` (one JSON line per
+epoch), ``checkpoint.safetensors`` (the state after the last finished epoch) and, at the end,
+``model.safetensors`` and ``result.json``. Every file is written atomically, so a killed run
+leaves the folder consistent and ``resume=True`` continues from the last finished epoch with
+the same data order (it depends only on the seed and the epoch).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+
+from cnnpress.errors import CnnpressError
+from cnnpress.train.atomic import atomic_write_text
+from cnnpress.train.checkpoint import load_checkpoint, save_checkpoint, save_model
+from cnnpress.train.config import TrainConfig
+
+__all__ = ["evaluate", "fit", "lr_at", "make_optimizer", "recalibrate_batchnorm"]
+
+NO_DECAY_NAMES = ("bank_proxy", "logits")
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD or Adam; binary proxies and selection logits get no weight decay."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if name.rsplit(".", 1)[-1] in NO_DECAY_NAMES else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+
+
+def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """Linear warm-up, then cosine decay to zero over all steps."""
+    total = cfg.epochs * steps_per_epoch
+    warm = int(cfg.warmup_epochs * steps_per_epoch)
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable) -> dict[str, float]:
+    """Mean cross-entropy and top-1 accuracy (in %) over ``loader``, in eval mode."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    for x, y in loader:
+        out = model(x)
+        loss_sum += F.cross_entropy(out, y, reduction="sum").item()
+        correct += (out.argmax(1) == y).sum().item()
+        count += y.numel()
+    model.train(was_training)
+    return {"loss": loss_sum / max(1, count), "accuracy": 100.0 * correct / max(1, count)}
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, loader: Iterable, batches: int) -> None:
+    """Re-estimate BatchNorm running statistics as plain averages over ``batches`` batches."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns or batches <= 0:
+        return
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+    was_training = model.training
+    model.train()
+    for i, (x, _) in enumerate(loader):
+        if i >= batches:
+            break
+        model(x)
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+    model.train(was_training)
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f}  acc {task.fields[acc]:.1f}%"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,
+    )
+
+
+def fit(
+    model: nn.Module,
+    train_loader: Any,
+    test_loader: Any,
+    cfg: TrainConfig,
+    run_dir: str | Path,
+    resume: bool = False,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    on_epoch_end: Callable[[nn.Module, int, int], None] | None = None,
+    console: Console | None = None,
+    extra_meta: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train ``model`` in place and write the run folder.
+
+    Args:
+        model: The model to train.
+        train_loader: A ``cnnpress.data.Loader`` over the training split (has ``set_epoch``).
+        test_loader: Loader over the test split (accuracy is reported, never tuned on).
+        cfg: Training settings.
+        run_dir: Run folder (created).
+        resume: Continue from ``run_dir/checkpoint.safetensors``.
+        loss_fn: ``loss_fn(logits, targets, inputs)``; default cross-entropy.
+        on_epoch_end: Called as ``on_epoch_end(model, epoch, epochs)`` after each epoch.
+        console: Where progress and epoch lines go.
+        extra_meta: Saved with the checkpoints and the model (dataset spec, provenance).
+
+    Returns:
+        The final metrics (also written to ``result.json`` by the caller's choice).
+    """
+    console = console or Console(stderr=True)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt, metrics_path = run_dir / "checkpoint.safetensors", run_dir / "metrics.jsonl"
+    extra_meta = extra_meta or {}
+    optimizer = make_optimizer(model, cfg)
+    steps = len(train_loader)
+    start_epoch, history, train_seconds = 0, [], 0.0
+    if resume:
+        if not ckpt.is_file():
+            raise CnnpressError(f"cannot resume: {ckpt} does not exist (start without --resume)")
+        meta = load_checkpoint(ckpt, model, optimizer)
+        start_epoch = meta["epoch"] + 1
+        train_seconds = meta.get("train_seconds", 0.0)
+        if metrics_path.is_file():
+            history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+            history = [h for h in history if h["epoch"] < start_epoch]
+        console.print(f"resuming {run_dir} after epoch {start_epoch}/{cfg.epochs}")
+    else:
+        torch.manual_seed(cfg.seed)
+    loss_fn = loss_fn or (
+        lambda out, y, _x: F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)
+    )
+    model.train()
+    for epoch in range(start_epoch, cfg.epochs):
+        train_loader.set_epoch(epoch)
+        t0 = time.perf_counter()
+        loss_sum, correct, count = 0.0, 0, 0
+        with _progress(console) as bar:
+            task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps, loss=0.0, acc=0.0)
+            for i, (x, y) in enumerate(train_loader):
+                lr = lr_at(cfg, epoch * steps + i, steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                out = model(x)
+                loss = loss_fn(out, y, x)
+                if not torch.isfinite(loss):
+                    raise CnnpressError(
+                        f"loss became {loss.item()} at epoch {epoch + 1} step {i + 1}; the run "
+                        f"stopped and {ckpt} keeps the last good epoch (lower the learning rate)"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_sum += loss.item() * y.numel()
+                correct += (out.argmax(1) == y).sum().item()
+                count += y.numel()
+                bar.update(task, advance=1, loss=loss_sum / count, acc=100.0 * correct / count)
+        epoch_seconds = time.perf_counter() - t0
+        train_seconds += epoch_seconds
+        if on_epoch_end is not None:
+            on_epoch_end(model, epoch, cfg.epochs)
+        record: dict[str, Any] = {
+            "epoch": epoch,
+            "lr": lr,
+            "train_loss": loss_sum / count,
+            "train_accuracy": 100.0 * correct / count,
+            "epoch_seconds": epoch_seconds,
+        }
+        last = epoch == cfg.epochs - 1
+        if last or (epoch + 1) % cfg.eval_every == 0:
+            if cfg.bn_recalibrate:
+                recalibrate_batchnorm(model, train_loader, cfg.bn_recalibrate)
+            test = evaluate(model, test_loader)
+            record.update(test_loss=test["loss"], test_accuracy=test["accuracy"])
+        history.append(record)
+        atomic_write_text(metrics_path, "".join(json.dumps(h) + "\n" for h in history))
+        save_checkpoint(ckpt, model, optimizer, epoch,
+                        {"train_seconds": train_seconds, **extra_meta})
+        acc = record.get("test_accuracy")
+        console.print(
+            f"epoch {epoch + 1}/{cfg.epochs}  loss {record['train_loss']:.4f}  "
+            f"train {record['train_accuracy']:.2f}%"
+            + (f"  test {acc:.2f}%" if acc is not None else "")
+            + f"  {epoch_seconds:.0f}s"
+        )
+    model.eval()
+    save_model(run_dir / "model.safetensors", model, **extra_meta)
+    final = history[-1] if history else {}
+    return {
+        "epochs": cfg.epochs,
+        "test_accuracy": final.get("test_accuracy"),
+        "test_loss": final.get("test_loss"),
+        "train_seconds": train_seconds,
+        "history": history,
+    }
