@@ -65,22 +65,56 @@ class Summary:
     def table(self) -> Table:
         """A rich table of the rows and totals."""
         t = Table(title=f"cnnpress summary, input {tuple(self.input_shape)}")
-        for col in ("layer", "kind", "weights", "stored bits", "fp32 bits", "ratio", "MACs",
-                    "binary MACs", "adds"):
+        for col in (
+            "layer",
+            "kind",
+            "weights",
+            "stored bits",
+            "fp32 bits",
+            "ratio",
+            "MACs",
+            "binary MACs",
+            "adds",
+        ):
             t.add_column(col, justify="left" if col in ("layer", "kind") else "right")
         for r in self.rows:
-            t.add_row(r.name, r.kind, f"{r.weights:,}", f"{r.stored_bits:,}",
-                      f"{r.fp32_bits:,}", f"{r.ratio:.1f}x", f"{r.macs:,}",
-                      f"{r.binary_macs:,}", f"{r.adds:,}")
+            t.add_row(
+                r.name,
+                r.kind,
+                f"{r.weights:,}",
+                f"{r.stored_bits:,}",
+                f"{r.fp32_bits:,}",
+                f"{r.ratio:.1f}x",
+                f"{r.macs:,}",
+                f"{r.binary_macs:,}",
+                f"{r.adds:,}",
+            )
         tot = self.totals
         t.add_section()
-        t.add_row("total", "", f"{tot['weights']:,}", f"{tot['stored_bits']:,}",
-                  f"{tot['fp32_bits']:,}", f"{tot['ratio']:.1f}x", f"{tot['macs']:,}",
-                  f"{tot['binary_macs']:,}", f"{tot['adds']:,}", style="bold")
+        t.add_row(
+            "total",
+            "",
+            f"{tot['weights']:,}",
+            f"{tot['stored_bits']:,}",
+            f"{tot['fp32_bits']:,}",
+            f"{tot['ratio']:.1f}x",
+            f"{tot['macs']:,}",
+            f"{tot['binary_macs']:,}",
+            f"{tot['adds']:,}",
+            style="bold",
+        )
         if tot["compressed_layers"]:
-            t.add_row("compressed layers", f"{tot['compressed_layers']}", "",
-                      f"{tot['compressed_stored_bits']:,}", f"{tot['compressed_fp32_bits']:,}",
-                      f"{tot['compressed_ratio']:.1f}x", "", "", "")
+            t.add_row(
+                "compressed layers",
+                f"{tot['compressed_layers']}",
+                "",
+                f"{tot['compressed_stored_bits']:,}",
+                f"{tot['compressed_fp32_bits']:,}",
+                f"{tot['compressed_ratio']:.1f}x",
+                "",
+                "",
+                "",
+            )
         return t
 
     def __str__(self) -> str:
@@ -93,9 +127,7 @@ def inference_numel(module: nn.Module) -> int:
     """Parameters plus the buffers inference needs, of this module alone (not its children)."""
     n = sum(p.numel() for p in module.parameters(recurse=False))
     n += sum(
-        b.numel()
-        for name, b in module.named_buffers(recurse=False)
-        if name not in _SKIP_BUFFERS
+        b.numel() for name, b in module.named_buffers(recurse=False) if name not in _SKIP_BUFFERS
     )
     return n
 
@@ -161,9 +193,17 @@ def summary(model: nn.Module, input_shape: tuple[int, ...]) -> Summary:
             macs = sum(flops.get(f"{prefix}.{name}", {}).values()) // 2
             cost = LayerCost(stored_bits=bits, fp32_bits=bits, macs=macs)
         rows.append(
-            SummaryRow(name, type(module).__name__, _weight_count(module), cost.stored_bits,
-                       cost.fp32_bits, cost.macs, cost.binary_macs, cost.adds,
-                       method is not None)
+            SummaryRow(
+                name,
+                type(module).__name__,
+                _weight_count(module),
+                cost.stored_bits,
+                cost.fp32_bits,
+                cost.macs,
+                cost.binary_macs,
+                cost.adds,
+                method is not None,
+            )
         )
     return Summary(rows, _totals(rows), tuple(input_shape))
 

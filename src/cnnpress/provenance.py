@@ -22,7 +22,10 @@ def git_commit() -> str | None:
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=here, capture_output=True, text=True, check=True,
+            cwd=here,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
@@ -53,5 +56,8 @@ def machine() -> dict[str, Any]:
 def provenance(command: list[str] | None = None) -> dict[str, Any]:
     """The command line, commit and machine, for results files."""
     argv = command if command is not None else sys.argv
-    return {"command": " ".join(["cnnpress", *argv[1:]]), "commit": git_commit(),
-            "machine": machine()}
+    return {
+        "command": " ".join(["cnnpress", *argv[1:]]),
+        "commit": git_commit(),
+        "machine": machine(),
+    }

@@ -38,7 +38,9 @@ def _read_recipe(path: str) -> dict[str, Any]:
     except FileNotFoundError:
         raise CnnpressError(f"recipe {path} not found") from None
     except yaml.YAMLError as err:
-        raise CnnpressError(f"recipe {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        raise CnnpressError(
+            f"recipe {path} is not valid YAML: {str(err).splitlines()[0]}"
+        ) from None
     if not isinstance(recipe, dict):
         raise CnnpressError(f"recipe {path} must be a mapping of settings")
     return recipe
@@ -47,11 +49,23 @@ def _read_recipe(path: str) -> dict[str, Any]:
 def resolve_config(args: argparse.Namespace, with_method: bool) -> dict[str, Any]:
     """Recipe values overridden by the flags that were given: the run's full settings."""
     cfg = _read_recipe(args.recipe) if args.recipe else {}
-    known = {"model", "model_args", "data", "data_dir", "data_options", "train", "method",
-             "method_config", "init", "out"}
+    known = {
+        "model",
+        "model_args",
+        "data",
+        "data_dir",
+        "data_options",
+        "train",
+        "method",
+        "method_config",
+        "init",
+        "out",
+    }
     unknown = sorted(set(cfg) - known)
     if unknown:
-        raise ConfigError(f"unknown recipe key(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+        raise ConfigError(
+            f"unknown recipe key(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}"
+        )
     for key in ("model", "data", "data_dir", "out"):
         if getattr(args, key, None) is not None:
             cfg[key] = getattr(args, key)
@@ -111,8 +125,12 @@ def _run(args: argparse.Namespace, console: Console, err: Console, with_method: 
     train_cfg = TrainConfig.from_dict(cfg["train"])
     train_loader, test_loader, spec = _loaders(cfg, train_cfg)
     torch.manual_seed(train_cfg.seed)
-    model = models.create(cfg["model"], in_channels=spec.in_channels,
-                          num_classes=spec.num_classes, **(cfg.get("model_args") or {}))
+    model = models.create(
+        cfg["model"],
+        in_channels=spec.in_channels,
+        num_classes=spec.num_classes,
+        **(cfg.get("model_args") or {}),
+    )
     if cfg.get("init"):
         trained, meta = load_model(cfg["init"])
         if meta["arch"] != models.arch_of(model):
@@ -135,8 +153,16 @@ def _run(args: argparse.Namespace, console: Console, err: Console, with_method: 
     prov = provenance()
     meta = {"dataset": spec.to_dict(), "provenance": prov}
     start = time.perf_counter()
-    result = fit(model, train_loader, test_loader, train_cfg, run_dir, resume=args.resume,
-                 console=err, extra_meta=meta)
+    result = fit(
+        model,
+        train_loader,
+        test_loader,
+        train_cfg,
+        run_dir,
+        resume=args.resume,
+        console=err,
+        extra_meta=meta,
+    )
     totals = summary(model, (spec.in_channels, *spec.image_size)).totals
     record = {
         **prov,
@@ -169,8 +195,13 @@ def _print_result(console: Console, r: dict[str, Any]) -> None:
     t = Table(title=f"{r['model']} {r['method']} on {r['data']}")
     for col in ("test accuracy", "epochs", "train time", "ratio (payload)", "compressed layers"):
         t.add_column(col, justify="right")
-    t.add_row(f"{r['test_accuracy']:.2f}%", str(r["epochs"]), f"{r['train_seconds'] / 60:.1f} min",
-              f"{r['ratio_payload']:.1f}x", f"{r['compressed_layers_ratio']:.1f}x")
+    t.add_row(
+        f"{r['test_accuracy']:.2f}%",
+        str(r["epochs"]),
+        f"{r['train_seconds'] / 60:.1f} min",
+        f"{r['ratio_payload']:.1f}x",
+        f"{r['compressed_layers_ratio']:.1f}x",
+    )
     console.print(t)
 
 
@@ -197,14 +228,18 @@ def cmd_evaluate(args: argparse.Namespace, console: Console, err: Console) -> di
     spec = DatasetSpec.from_dict(meta["dataset"])
     name = args.data or spec.name
     if get_spec(name).in_channels != spec.in_channels:
-        raise CnnpressError(f"{args.model_file} takes {spec.in_channels}-channel images, {name} "
-                            f"has {get_spec(name).in_channels}")
+        raise CnnpressError(
+            f"{args.model_file} takes {spec.in_channels}-channel images, {name} "
+            f"has {get_spec(name).in_channels}"
+        )
     test = load_dataset(name, "test", args.data_dir)
     metrics = evaluate(model, Loader(test, args.batch_size, train=False))
     result = {"model_file": args.model_file, "data": name, "samples": len(test), **metrics}
     if not args.json:
-        console.print(f"{name} test accuracy {metrics['accuracy']:.2f}% "
-                      f"(loss {metrics['loss']:.4f}, {len(test)} images)")
+        console.print(
+            f"{name} test accuracy {metrics['accuracy']:.2f}% "
+            f"(loss {metrics['loss']:.4f}, {len(test)} images)"
+        )
     return result
 
 

@@ -66,7 +66,8 @@ def _check(in_channels: int, slice_channels: int, num_filters: int, where: str =
         divisors = [v for v in range(1, in_channels + 1) if in_channels % v == 0]
         raise ConfigError(
             f"{at}slice_channels {slice_channels} does not divide the {in_channels} input "
-            f"channels; choose one of {divisors} (per layer: layers: {{NAME: {{slice_channels: D}}}})"
+            f"channels; choose one of {divisors} "
+            f"(per layer: layers: {{NAME: {{slice_channels: D}}}})"
         )
     if not isinstance(num_filters, int) or not 2 <= num_filters <= MAX_FILTERS:
         raise ConfigError(
@@ -133,7 +134,9 @@ class _SLBFBase(nn.Module):
             w = w * self.scale.view(-1, 1, 1, 1)
         return w
 
-    def load_selection(self, indices: torch.Tensor, bank: torch.Tensor, margin: float = 1.0) -> None:
+    def load_selection(
+        self, indices: torch.Tensor, bank: torch.Tensor, margin: float = 1.0
+    ) -> None:
         """Set the selections and the bank: logits favour ``indices`` by ``margin``."""
         with torch.no_grad():
             self.logits.zero_()
@@ -263,7 +266,9 @@ class SLBFLinear(_SLBFBase):
         num_filters: int = 16,
         scale: bool = True,
     ) -> None:
-        super().__init__(in_features, out_features, (1, 1), slice_channels, num_filters, scale, bias)
+        super().__init__(
+            in_features, out_features, (1, 1), slice_channels, num_filters, scale, bias
+        )
 
     @classmethod
     def from_linear(

@@ -10,8 +10,8 @@ from typing import Any
 
 from torch import nn
 
-from cnnpress.models.registry import MODELS
 from cnnpress.models import lenet, resnet, vgg  # noqa: F401  (registers the architectures)
+from cnnpress.models.registry import MODELS
 
 __all__ = ["create", "names", "arch_of"]
 
@@ -48,5 +48,7 @@ def arch_of(model: nn.Module) -> dict[str, Any]:
     """The recorded architecture of a model built by :func:`create`."""
     arch = getattr(model, "cnnpress_arch", None)
     if arch is None:
-        raise ValueError("model was not built by cnnpress.models.create; its architecture is unknown")
+        raise ValueError(
+            "model was not built by cnnpress.models.create; its architecture is unknown"
+        )
     return dict(arch)

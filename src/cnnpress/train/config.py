@@ -66,6 +66,7 @@ class TrainConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(
-                f"unknown training setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}"
+                f"unknown training setting(s) {', '.join(unknown)}; "
+                f"valid: {', '.join(sorted(known))}"
             )
         return cls(**values)

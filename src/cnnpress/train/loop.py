@@ -87,7 +87,7 @@ def recalibrate_batchnorm(model: nn.Module, loader: Iterable, batches: int) -> N
         if i >= batches:
             break
         model(x)
-    for m, mom in zip(bns, saved):
+    for m, mom in zip(bns, saved, strict=True):
         m.momentum = mom
     model.train(was_training)
 
@@ -141,6 +141,10 @@ def fit(
     extra_meta = extra_meta or {}
     optimizer = make_optimizer(model, cfg)
     steps = len(train_loader)
+    if steps == 0:
+        raise CnnpressError(
+            f"the training set is smaller than one batch of {cfg.batch_size}; lower --batch-size"
+        )
     start_epoch, history, train_seconds = 0, [], 0.0
     if resume:
         if not ckpt.is_file():
@@ -201,8 +205,9 @@ def fit(
             record.update(test_loss=test["loss"], test_accuracy=test["accuracy"])
         history.append(record)
         atomic_write_text(metrics_path, "".join(json.dumps(h) + "\n" for h in history))
-        save_checkpoint(ckpt, model, optimizer, epoch,
-                        {"train_seconds": train_seconds, **extra_meta})
+        save_checkpoint(
+            ckpt, model, optimizer, epoch, {"train_seconds": train_seconds, **extra_meta}
+        )
         acc = record.get("test_accuracy")
         console.print(
             f"epoch {epoch + 1}/{cfg.epochs}  loss {record['train_loss']:.4f}  "

@@ -1,0 +1,185 @@
+"""The command line end to end on the synthetic data set, and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cnnpress.cli.main import main
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_train_compress_evaluate_summary(tmp_path, capsys):
+    fp32 = str(tmp_path / "fp32")
+    code, out, _ = run(
+        capsys,
+        "train",
+        "--model",
+        "resnet20",
+        "--data",
+        "synthetic",
+        "--epochs",
+        "2",
+        "--out",
+        fp32,
+        "--json",
+        "--threads",
+        "1",
+    )
+    assert code == 0
+    result = json.loads(out)
+    assert result["method"] == "fp32" and result["epochs"] == 2
+    assert json.loads((tmp_path / "fp32" / "result.json").read_text()) == result
+    assert len((tmp_path / "fp32" / "metrics.jsonl").read_text().splitlines()) == 2
+
+    code, out, _ = run(capsys, "evaluate", fp32, "--json")
+    assert code == 0 and json.loads(out)["accuracy"] == pytest.approx(result["test_accuracy"])
+
+    slbf = str(tmp_path / "slbf")
+    code, out, _ = run(
+        capsys,
+        "compress",
+        "--method",
+        "slbf",
+        "--model",
+        "resnet20",
+        "--data",
+        "synthetic",
+        "--epochs",
+        "1",
+        "--init",
+        fp32,
+        "--slice-channels",
+        "4",
+        "--num-filters",
+        "8",
+        "--out",
+        slbf,
+        "--json",
+        "--threads",
+        "1",
+    )
+    assert code == 0
+    assert json.loads(out)["method_config"] == {"slice_channels": 4, "num_filters": 8}
+    assert json.loads(out)["compressed_layers_ratio"] > 20
+
+    code, out, _ = run(capsys, "summary", slbf, "--json")
+    totals = json.loads(out)["totals"]
+    assert code == 0 and totals["compressed_layers"] == 18
+
+    # --resume of a finished run trains nothing more and keeps the result
+    code, _, err = run(capsys, "compress", "--out", slbf, "--resume", "--threads", "1")
+    assert code == 0 and "resuming" in err
+
+
+def test_recipe_values_are_overridden_by_flags(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "model: lenet5\ndata: synthetic\ntrain: {epochs: 5, lr: 0.01, batch_size: 16}\n"
+        "data_options: {num_samples: 64}\n"
+    )
+    out_dir = tmp_path / "run"
+    code, out, _ = run(
+        capsys, "train", "--recipe", str(recipe), "--epochs", "1", "--out", str(out_dir), "--json"
+    )
+    assert code == 0
+    r = json.loads(out)
+    assert r["train"]["epochs"] == 1 and r["train"]["lr"] == 0.01
+    assert "epochs: 1" in (out_dir / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["train", "--model", "resnet21", "--data", "synthetic"], "unknown model 'resnet21'"),
+        (
+            ["compress", "--method", "zip", "--model", "lenet5", "--data", "synthetic"],
+            "unknown method 'zip'",
+        ),
+        (
+            [
+                "compress",
+                "--method",
+                "slbf",
+                "--model",
+                "resnet20",
+                "--data",
+                "synthetic",
+                "--slice-channels",
+                "5",
+            ],
+            "does not divide",
+        ),
+        (
+            [
+                "compress",
+                "--method",
+                "slbf",
+                "--model",
+                "resnet20",
+                "--data",
+                "synthetic",
+                "--num-filters",
+                "70000",
+            ],
+            "num_filters",
+        ),
+        (["train", "--model", "lenet5", "--data", "synthetic", "--epochs", "-1"], "epochs"),
+        (
+            ["train", "--model", "lenet5", "--data", "fashion-mnist", "--data-dir", "/nonexistent"],
+            "/nonexistent",
+        ),
+        (["train", "--model", "lenet5", "--data", "imagenet"], "imagenet"),
+        (["evaluate", "/no/such/run"], "/no/such/run"),
+        (
+            ["train", "--model", "lenet5", "--data", "synthetic", "--batch-size", "4096"],
+            "--batch-size",
+        ),
+        (["train", "--recipe", "/no/recipe.yaml"], "recipe"),
+    ],
+)
+def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys, argv, needle):
+    code, _, err = run(
+        capsys, *argv, *([] if argv[0] == "evaluate" else ["--out", str(tmp_path / "x")])
+    )
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cnnpress: error:") and needle in lines[0]
+
+
+def test_existing_run_is_not_overwritten(tmp_path, capsys):
+    args = [
+        "train",
+        "--model",
+        "lenet5",
+        "--data",
+        "synthetic",
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path / "r"),
+    ]
+    assert run(capsys, *args)[0] == 0
+    before = (tmp_path / "r" / "model.safetensors").read_bytes()
+    code, _, err = run(capsys, *args)
+    assert code == 2 and "--resume" in err
+    assert (tmp_path / "r" / "model.safetensors").read_bytes() == before
+
+
+def test_python_dash_m_is_the_same_program(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "cnnpress", "train", "--model", "nope", "--data", "synthetic"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("cnnpress: error: unknown model")

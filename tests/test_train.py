@@ -1,0 +1,117 @@
+"""Training loop: it learns, checkpoints are resumable to the same bits, files rebuild models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import cnnpress
+from cnnpress.data import Loader, load_dataset
+from cnnpress.train.checkpoint import CheckpointError, load_model, save_model
+from cnnpress.train.config import TrainConfig
+from cnnpress.train.loop import fit, lr_at, recalibrate_batchnorm
+
+
+def loaders(seed: int = 0):
+    train = load_dataset("synthetic", "train", num_samples=256)
+    test = load_dataset("synthetic", "test", num_samples=128)
+    return Loader(train, 32, train=True, seed=seed), Loader(test, 64, train=False)
+
+
+def slbf_net():
+    torch.manual_seed(0)
+    net = cnnpress.models.create("resnet20", 1, 4, width=8)
+    return cnnpress.compress(net, "slbf", slice_channels=4, num_filters=4)
+
+
+class InterruptError(Exception):
+    pass
+
+
+def test_resume_after_interruption_gives_identical_weights(tmp_path):
+    torch.set_num_threads(1)
+    cfg = TrainConfig(epochs=3, lr=0.05, seed=0)
+    train, test = loaders()
+    full = slbf_net()
+    fit(full, train, test, cfg, tmp_path / "full")
+
+    def stop_after_second_epoch(model, epoch, epochs):
+        if epoch == 1:
+            raise InterruptError
+
+    part = slbf_net()
+    with pytest.raises(InterruptError):
+        fit(part, train, test, cfg, tmp_path / "cut", on_epoch_end=stop_after_second_epoch)
+    resumed = slbf_net()
+    torch.manual_seed(123)  # a resumed process starts from other RNG state
+    fit(resumed, train, test, cfg, tmp_path / "cut", resume=True)
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [0, 1, 2]
+
+
+def test_training_learns_the_synthetic_task(tmp_path):
+    train, test = loaders()
+    torch.manual_seed(0)
+    net = cnnpress.models.create("lenet5", 1, 4)
+    result = fit(net, train, test, TrainConfig(epochs=4, lr=0.05), tmp_path)
+    assert result["test_accuracy"] > 80.0
+    assert len(result["history"]) == 4
+
+
+def test_saved_model_rebuilds_with_equal_outputs(tmp_path):
+    net = slbf_net().eval()
+    save_model(tmp_path / "m.safetensors", net, dataset={"name": "synthetic"})
+    same, meta = load_model(tmp_path / "m.safetensors")
+    x = torch.randn(3, 1, 16, 16)
+    torch.testing.assert_close(same(x), net(x), rtol=0, atol=0)
+    assert meta["method"]["name"] == "slbf"
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    net = cnnpress.models.create("lenet5", 1, 4)
+    save_model(tmp_path / "m.safetensors", net)
+    meta_path = tmp_path / "m.safetensors"
+    other = cnnpress.models.create("lenet5", 1, 10)
+    from cnnpress.train.checkpoint import _load_state, _read_tensors
+
+    with pytest.raises(CheckpointError, match="does not fit this model"):
+        _load_state(other, _read_tensors(meta_path), meta_path)
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError):
+        load_model(tmp_path / "bad.safetensors")
+
+
+def test_cosine_schedule_and_warmup():
+    cfg = TrainConfig(epochs=2, lr=0.1, warmup_epochs=1)
+    assert lr_at(cfg, 0, 10) == pytest.approx(0.01)
+    assert lr_at(cfg, 9, 10) == pytest.approx(0.1)
+    assert lr_at(cfg, 10, 10) == pytest.approx(0.1)
+    assert lr_at(cfg, 19, 10) < 0.01
+
+
+def test_batchnorm_recalibration_matches_the_data_statistics():
+    torch.manual_seed(0)
+    bn = torch.nn.Sequential(torch.nn.BatchNorm2d(3))
+    data = [(torch.randn(16, 3, 4, 4) * 3 + 2, None) for _ in range(4)]
+    recalibrate_batchnorm(bn, data, batches=4)
+    allx = torch.cat([x for x, _ in data])
+    torch.testing.assert_close(bn[0].running_mean, allx.mean((0, 2, 3)), rtol=1e-4, atol=1e-4)
+    assert bn[0].momentum == 0.1  # restored
+
+
+def test_nan_loss_stops_with_a_clear_error(tmp_path):
+    train, test = loaders()
+    net = cnnpress.models.create("lenet5", 1, 4)
+    with pytest.raises(cnnpress.CnnpressError, match="loss became nan"):
+        fit(
+            net,
+            train,
+            test,
+            TrainConfig(epochs=1),
+            tmp_path,
+            loss_fn=lambda out, y, x: out.sum() * float("nan"),
+        )
