@@ -168,10 +168,10 @@ def test_existing_run_is_not_overwritten(tmp_path, capsys):
         str(tmp_path / "r"),
     ]
     assert run(capsys, *args)[0] == 0
-    before = (tmp_path / "r" / "model.safetensors").read_bytes()
+    before = (tmp_path / "r" / "model.cnnp").read_bytes()
     code, _, err = run(capsys, *args)
     assert code == 2 and "--resume" in err
-    assert (tmp_path / "r" / "model.safetensors").read_bytes() == before
+    assert (tmp_path / "r" / "model.cnnp").read_bytes() == before
 
 
 def test_python_dash_m_is_the_same_program(tmp_path):
@@ -183,3 +183,61 @@ def test_python_dash_m_is_the_same_program(tmp_path):
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("cnnpress: error: unknown model")
+
+
+def test_file_commands_summary_predict_export(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from cnnpress.data import load_dataset
+
+    run_dir = tmp_path / "run"
+    code, out, _ = run(
+        capsys,
+        "compress",
+        "--method",
+        "slbf",
+        "--model",
+        "resnet20",
+        "--data",
+        "synthetic",
+        "--epochs",
+        "1",
+        "--slice-channels",
+        "4",
+        "--num-filters",
+        "8",
+        "--out",
+        str(run_dir),
+        "--json",
+        "--threads",
+        "1",
+    )
+    assert code == 0
+    model_file = str(run_dir / "model.cnnp")
+
+    code, out, _ = run(capsys, "summary", model_file, "--json")
+    s = json.loads(out)
+    assert code == 0 and s["file"]["file_bytes"] == (run_dir / "model.cnnp").stat().st_size
+    assert s["file"]["ratio"] == pytest.approx(
+        s["totals"]["fp32_bits"] / 8 / s["file"]["file_bytes"]
+    )
+
+    test = load_dataset("synthetic", "test")
+    np.save(tmp_path / "x.npy", test.images[:5].numpy())
+    code, out, _ = run(capsys, "predict", model_file, str(tmp_path / "x.npy"), "--json")
+    preds = json.loads(out)["predictions"]
+    assert code == 0 and len(preds) == 5 and preds[0]["class"].startswith("class")
+    Image.fromarray(test.images[0, 0].numpy()).save(tmp_path / "one.png")
+    code, out, _ = run(capsys, "predict", model_file, str(tmp_path / "one.png"), "--json")
+    assert code == 0 and json.loads(out)["predictions"][0]["label"] == preds[0]["label"]
+    Image.fromarray(np.zeros((20, 20), np.uint8)).save(tmp_path / "big.png")
+    code, _, err = run(capsys, "predict", model_file, str(tmp_path / "big.png"))
+    assert code == 2 and "1x16x16" in err and len(err.strip().splitlines()) == 1
+
+    onnx_path = tmp_path / "m.onnx"
+    code, out, _ = run(capsys, "export", model_file, "--onnx", str(onnx_path), "--json")
+    assert code == 0 and onnx_path.stat().st_size == json.loads(out)["bytes"]
+    (tmp_path / "junk.cnnp").write_bytes(b"junk")
+    code, _, err = run(capsys, "evaluate", str(tmp_path / "junk.cnnp"))
+    assert code == 2 and "junk.cnnp" in err

@@ -9,7 +9,7 @@ import torch
 
 import cnnpress
 from cnnpress.data import Loader, load_dataset
-from cnnpress.train.checkpoint import CheckpointError, load_model, save_model
+from cnnpress.train.checkpoint import CheckpointError, load_model
 from cnnpress.train.config import TrainConfig
 from cnnpress.train.loop import fit, lr_at, recalibrate_batchnorm
 
@@ -62,24 +62,29 @@ def test_training_learns_the_synthetic_task(tmp_path):
     assert len(result["history"]) == 4
 
 
-def test_saved_model_rebuilds_with_equal_outputs(tmp_path):
-    net = slbf_net().eval()
-    save_model(tmp_path / "m.safetensors", net, dataset={"name": "synthetic"})
-    same, meta = load_model(tmp_path / "m.safetensors")
+def test_run_folder_model_and_checkpoint_rebuild_the_trained_model(tmp_path):
+    train, test = loaders()
+    net = slbf_net()
+    fit(net, train, test, TrainConfig(epochs=1, lr=0.05), tmp_path)
     x = torch.randn(3, 1, 16, 16)
-    torch.testing.assert_close(same(x), net(x), rtol=0, atol=0)
+    from_file, meta = load_model(tmp_path)  # the run folder's model.cnnp
+    from_ckpt, _ = load_model(tmp_path / "checkpoint.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(from_file(x), net(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(from_ckpt(x), net(x), rtol=0, atol=0)
     assert meta["method"]["name"] == "slbf"
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path):
-    net = cnnpress.models.create("lenet5", 1, 4)
-    save_model(tmp_path / "m.safetensors", net)
-    meta_path = tmp_path / "m.safetensors"
+    train, test = loaders()
+    cfg = TrainConfig(epochs=1)
+    fit(cnnpress.models.create("lenet5", 1, 4), train, test, cfg, tmp_path)
     other = cnnpress.models.create("lenet5", 1, 10)
-    from cnnpress.train.checkpoint import _load_state, _read_tensors
+    optimizer = torch.optim.SGD(other.parameters(), lr=0.1)
+    from cnnpress.train.checkpoint import load_checkpoint
 
     with pytest.raises(CheckpointError, match="does not fit this model"):
-        _load_state(other, _read_tensors(meta_path), meta_path)
+        load_checkpoint(tmp_path / "checkpoint.safetensors", other, optimizer)
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointError):
         load_model(tmp_path / "bad.safetensors")

@@ -1,6 +1,7 @@
 """cnnpress: compress convolutional neural networks for memory-constrained devices.
 
-Public API: :func:`compress`, :func:`summary`, :mod:`models`, :mod:`methods`.
+Public API: :func:`compress`, :func:`summary`, :func:`save`, :func:`load`, :mod:`models`,
+:mod:`methods`.
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ from cnnpress import methods, models
 from cnnpress.api import compress
 from cnnpress.cost import summary
 from cnnpress.errors import CnnpressError
+from cnnpress.format import load, save
 
-__all__ = ["CnnpressError", "compress", "methods", "models", "summary"]
+__all__ = ["CnnpressError", "compress", "load", "methods", "models", "save", "summary"]
 
 __version__ = "0.1.0"

@@ -17,7 +17,8 @@ from rich.table import Table
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from cnnpress.methods.base import METHODS, LayerCost
+from cnnpress.methods import method_for
+from cnnpress.methods.base import LayerCost
 
 __all__ = ["Summary", "SummaryRow", "inference_numel", "summary"]
 
@@ -37,6 +38,7 @@ class SummaryRow:
     binary_macs: int
     adds: int
     compressed: bool
+    file_bytes: int | None = None
 
     @property
     def ratio(self) -> float:
@@ -54,18 +56,44 @@ class Summary:
     rows: list[SummaryRow]
     totals: dict[str, Any]
     input_shape: tuple[int, ...]
+    file: dict[str, Any] | None = None
+
+    def attach_file(self, info: dict[str, Any]) -> None:
+        """Add the real file's byte counts (from ``cnnpress.format.read_info``).
+
+        Sets ``file_bytes`` per row (its arrays, each rounded to whole bytes) and
+        ``self.file``: header, payload and file bytes and the ratio of fp32 parameter bytes
+        to file bytes (the compression ratio cnnpress reports).
+        """
+        per_module: dict[str, int] = {}
+        for a in info["arrays"]:
+            per_module[a["module"]] = per_module.get(a["module"], 0) + a["bytes"]
+        for r in self.rows:
+            r.file_bytes = per_module.get(r.name, 0)
+        fp32_bytes = self.totals["fp32_bits"] / 8
+        self.file = {
+            "header_bytes": info["header_bytes"],
+            "checksum_bytes": info["checksum_bytes"],
+            "payload_bytes": info["payload_bytes"],
+            "file_bytes": info["file_bytes"],
+            "fp32_bytes": fp32_bytes,
+            "ratio": fp32_bytes / info["file_bytes"],
+            "payload_ratio": fp32_bytes / info["payload_bytes"],
+            "header_share": info["header_bytes"] / info["file_bytes"],
+        }
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "input_shape": list(self.input_shape),
             "rows": [r.to_dict() for r in self.rows],
             "totals": self.totals,
+            "file": self.file,
         }
 
     def table(self) -> Table:
-        """A rich table of the rows and totals."""
+        """A rich table of the rows and totals (and the file's bytes when attached)."""
         t = Table(title=f"cnnpress summary, input {tuple(self.input_shape)}")
-        for col in (
+        cols = [
             "layer",
             "kind",
             "weights",
@@ -75,45 +103,46 @@ class Summary:
             "MACs",
             "binary MACs",
             "adds",
-        ):
+        ] + (["file bytes"] if self.file else [])
+        for col in cols:
             t.add_column(col, justify="left" if col in ("layer", "kind") else "right")
+
+        def add(name: str, kind: str, weights: str, r: dict[str, Any], fb: str, **kw: Any) -> None:
+            cells = [
+                name,
+                kind,
+                weights,
+                f"{r['stored_bits']:,}",
+                f"{r['fp32_bits']:,}",
+                f"{r['ratio']:.1f}x",
+                f"{r['macs']:,}",
+                f"{r['binary_macs']:,}",
+                f"{r['adds']:,}",
+            ]
+            t.add_row(*cells, *([fb] if self.file else []), **kw)
+
         for r in self.rows:
-            t.add_row(
-                r.name,
-                r.kind,
-                f"{r.weights:,}",
-                f"{r.stored_bits:,}",
-                f"{r.fp32_bits:,}",
-                f"{r.ratio:.1f}x",
-                f"{r.macs:,}",
-                f"{r.binary_macs:,}",
-                f"{r.adds:,}",
-            )
+            add(r.name, r.kind, f"{r.weights:,}", r.to_dict(), f"{r.file_bytes or 0:,}")
         tot = self.totals
         t.add_section()
-        t.add_row(
-            "total",
-            "",
-            f"{tot['weights']:,}",
-            f"{tot['stored_bits']:,}",
-            f"{tot['fp32_bits']:,}",
-            f"{tot['ratio']:.1f}x",
-            f"{tot['macs']:,}",
-            f"{tot['binary_macs']:,}",
-            f"{tot['adds']:,}",
-            style="bold",
-        )
+        fb = f"{self.file['payload_bytes']:,}" if self.file else ""
+        add("total", "", f"{tot['weights']:,}", tot, fb, style="bold")
         if tot["compressed_layers"]:
             t.add_row(
                 "compressed layers",
-                f"{tot['compressed_layers']}",
+                str(tot["compressed_layers"]),
                 "",
                 f"{tot['compressed_stored_bits']:,}",
                 f"{tot['compressed_fp32_bits']:,}",
                 f"{tot['compressed_ratio']:.1f}x",
-                "",
-                "",
-                "",
+            )
+        if self.file:
+            f = self.file
+            t.caption = (
+                f"file {f['file_bytes']:,} bytes = header {f['header_bytes']:,} + "
+                f"payload {f['payload_bytes']:,} + checksum {f['checksum_bytes']}; "
+                f"fp32 parameters {f['fp32_bytes']:,.0f} bytes; compression ratio "
+                f"{f['ratio']:.1f}x (payload only {f['payload_ratio']:.1f}x)"
             )
         return t
 
@@ -132,33 +161,27 @@ def inference_numel(module: nn.Module) -> int:
     return n
 
 
-def _method_for(module: nn.Module) -> Any | None:
-    for name in METHODS.names():
-        cls = METHODS.get(name)
-        if cls.layer_types and isinstance(module, cls.layer_types):
-            return cls()
-    return None
-
-
 def _weight_count(module: nn.Module) -> int:
     if hasattr(module, "fp32_bits"):
         return module.fp32_bits() // 32
     return inference_numel(module)
 
 
-def summary(model: nn.Module, input_shape: tuple[int, ...]) -> Summary:
+def summary(model: nn.Module, input_shape: tuple[int, ...], float_bits: int = 32) -> Summary:
     """Per-layer storage and operations of ``model`` for one input of ``input_shape`` (C, H, W).
 
     Args:
         model: Any model; layers of registered methods are costed by their method.
         input_shape: Shape of one input without the batch dimension.
+        float_bits: Width at which floating-point tensors are stored (32, or 16 for a file
+            saved with float16); the fp32 reference stays at 32 bits.
 
     Returns:
         A :class:`Summary`; ``totals`` are sums over ``rows`` plus the ratios.
     """
     leaves: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
-        method = _method_for(module)
+        method = method_for(module)
         is_leaf = next(module.children(), None) is None
         if method is not None or (is_leaf and inference_numel(module) > 0):
             leaves[name] = module
@@ -185,13 +208,13 @@ def summary(model: nn.Module, input_shape: tuple[int, ...]) -> Summary:
     prefix = type(model).__name__
     rows = []
     for name, module in leaves.items():
-        method = _method_for(module)
+        method = method_for(module)
         if method is not None:
-            cost: LayerCost = method.cost(module, shapes.get(name, input_shape))
+            cost: LayerCost = method.cost(module, shapes.get(name, input_shape), float_bits)
         else:
-            bits = 32 * inference_numel(module)
+            numel = inference_numel(module)
             macs = sum(flops.get(f"{prefix}.{name}", {}).values()) // 2
-            cost = LayerCost(stored_bits=bits, fp32_bits=bits, macs=macs)
+            cost = LayerCost(stored_bits=float_bits * numel, fp32_bits=32 * numel, macs=macs)
         rows.append(
             SummaryRow(
                 name,

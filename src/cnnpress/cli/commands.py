@@ -21,11 +21,19 @@ from cnnpress.data import DatasetSpec, Loader, get_spec, load_dataset
 from cnnpress.errors import CnnpressError, ConfigError
 from cnnpress.provenance import provenance
 from cnnpress.train.atomic import atomic_write_text
-from cnnpress.train.checkpoint import load_model, read_meta
+from cnnpress.train.checkpoint import load_model
 from cnnpress.train.config import TrainConfig
 from cnnpress.train.loop import evaluate, fit
 
-__all__ = ["cmd_compress", "cmd_evaluate", "cmd_summary", "cmd_train", "resolve_config"]
+__all__ = [
+    "cmd_compress",
+    "cmd_evaluate",
+    "cmd_export",
+    "cmd_predict",
+    "cmd_summary",
+    "cmd_train",
+    "resolve_config",
+]
 
 _TRAIN_FLAGS = ("epochs", "batch_size", "lr", "optimizer", "weight_decay", "bn_recalibrate", "seed")
 _METHOD_FLAGS = {"slice_channels": "slice_channels", "num_filters": "num_filters"}
@@ -215,12 +223,6 @@ def cmd_compress(args: argparse.Namespace, console: Console, err: Console) -> di
     return _run(args, console, err, with_method=True)
 
 
-def _spec_of(path: str) -> DatasetSpec:
-    p = Path(path)
-    meta = read_meta(p / "model.safetensors" if p.is_dir() else p)
-    return DatasetSpec.from_dict(meta["dataset"])
-
-
 def cmd_evaluate(args: argparse.Namespace, console: Console, err: Console) -> dict:
     """``cnnpress evaluate``: test accuracy of a saved model."""
     _set_threads(args.threads)
@@ -243,8 +245,16 @@ def cmd_evaluate(args: argparse.Namespace, console: Console, err: Console) -> di
     return result
 
 
+def _dataset_of(meta: dict[str, Any], path: str) -> DatasetSpec:
+    if not meta.get("dataset"):
+        raise CnnpressError(f"{path} records no dataset; pass the input shape or --data")
+    return DatasetSpec.from_dict(meta["dataset"])
+
+
 def cmd_summary(args: argparse.Namespace, console: Console, err: Console) -> dict:
-    """``cnnpress summary``: the per-layer cost table."""
+    """``cnnpress summary``: the per-layer cost table, with the real file's bytes."""
+    from cnnpress.format import read_info
+
     model, meta = load_model(args.model_file)
     if args.input_shape:
         try:
@@ -252,9 +262,59 @@ def cmd_summary(args: argparse.Namespace, console: Console, err: Console) -> dic
         except ValueError:
             raise CnnpressError(f"--input-shape must be C,H,W, got {args.input_shape!r}") from None
     else:
-        spec = DatasetSpec.from_dict(meta["dataset"])
+        spec = _dataset_of(meta, args.model_file)
         shape = (spec.in_channels, *spec.image_size)
-    s = summary(model, shape)
+    path = Path(args.model_file)
+    path = path / "model.cnnp" if path.is_dir() else path
+    info = read_info(path) if path.suffix == ".cnnp" else None
+    float_bits = info["manifest"].get("float_bits", 32) if info else 32
+    s = summary(model, shape, float_bits=float_bits)
+    if info is not None:
+        s.attach_file(info)
     if not args.json:
         console.print(s.table())
     return s.to_dict()
+
+
+def cmd_predict(args: argparse.Namespace, console: Console, err: Console) -> dict:
+    """``cnnpress predict``: classes of the images in a file, from the model file alone."""
+    from cnnpress.cli.predict import read_images
+
+    model, meta = load_model(args.model_file)
+    spec = _dataset_of(meta, args.model_file)
+    x = read_images(args.input, spec)
+    with torch.no_grad():
+        probs = torch.softmax(model(x), dim=1)
+    conf, cls = probs.max(dim=1)
+    preds = [
+        {"index": i, "class": spec.class_names[c], "label": int(c), "probability": float(p)}
+        for i, (c, p) in enumerate(zip(cls.tolist(), conf.tolist(), strict=True))
+    ]
+    if not args.json:
+        t = Table(title=f"predictions of {args.model_file}")
+        for col in ("image", "class", "probability"):
+            t.add_column(col, justify="right" if col != "class" else "left")
+        for p in preds[: args.limit]:
+            t.add_row(str(p["index"]), p["class"], f"{p['probability']:.3f}")
+        console.print(t)
+        if len(preds) > args.limit:
+            console.print(f"... {len(preds) - args.limit} more (use --json for all)")
+    return {"model_file": args.model_file, "input": args.input, "predictions": preds}
+
+
+def cmd_export(args: argparse.Namespace, console: Console, err: Console) -> dict:
+    """``cnnpress export``: an ONNX graph of a model file."""
+    from cnnpress.runtime.onnx import export_onnx
+
+    model, meta = load_model(args.model_file)
+    spec = _dataset_of(meta, args.model_file)
+    out = export_onnx(model, args.onnx, (spec.in_channels, *spec.image_size), mode=args.mode)
+    result = {
+        "model_file": args.model_file,
+        "onnx": str(out),
+        "mode": args.mode,
+        "bytes": Path(out).stat().st_size,
+    }
+    if not args.json:
+        console.print(f"wrote {out} ({result['bytes']:,} bytes, SLBF as {args.mode})")
+    return result

@@ -49,16 +49,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-filters", type=int, help="SLBF bank size m")
 
     p = sub.add_parser("evaluate", help="test accuracy of a trained model")
-    p.add_argument("model_file", help="run folder or model.safetensors")
+    p.add_argument("model_file", help="model.cnnp file or run folder")
     p.add_argument("--data", help="dataset (default: the one it was trained on)")
     p.add_argument("--data-dir")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--threads", type=int)
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("summary", help="per-layer bits, MACs and compression ratio")
-    p.add_argument("model_file", help="run folder or model.safetensors")
+    p = sub.add_parser("summary", help="per-layer bits, MACs, file bytes and compression ratio")
+    p.add_argument("model_file", help="model.cnnp file or run folder")
     p.add_argument("--input-shape", help="C,H,W (default: the dataset's)")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("predict", help="classify images (IDX, .npy or PNG) with a model file")
+    p.add_argument("model_file", help="model.cnnp file or run folder")
+    p.add_argument("input", help="images: IDX (N x H x W), .npy (N, [C,] H, W) or one PNG")
+    p.add_argument("--limit", type=int, default=20, help="rows to print")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("export", help="export a model file to ONNX")
+    p.add_argument("model_file", help="model.cnnp file or run folder")
+    p.add_argument("--onnx", required=True, help="output .onnx path")
+    p.add_argument(
+        "--mode",
+        choices=["dense", "stm"],
+        default="dense",
+        help="SLBF as a dense conv (default) or as grouped conv + gather + sum",
+    )
     p.add_argument("--json", action="store_true")
     return parser
 
@@ -68,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     from cnnpress.cli import commands
 
     args = build_parser().parse_args(argv)
-    console = Console()
+    console = Console() if sys.stdout.isatty() else Console(width=200)
     err = Console(stderr=True)
     try:
         result = getattr(commands, f"cmd_{args.command}")(args, console, err)

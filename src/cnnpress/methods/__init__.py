@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from torch import nn
+
 from cnnpress.methods import slbf  # noqa: F401  (registers the method)
 from cnnpress.methods.base import METHODS, LayerCost, Method, MethodConfig
 
-__all__ = ["LayerCost", "Method", "MethodConfig", "get", "names"]
+__all__ = ["LayerCost", "Method", "MethodConfig", "get", "method_for", "names"]
 
 
 def names() -> list[str]:
@@ -16,3 +18,12 @@ def names() -> list[str]:
 def get(name: str) -> type[Method]:
     """The method class registered under ``name``."""
     return METHODS.get(name)
+
+
+def method_for(module: nn.Module) -> Method | None:
+    """An instance of the method whose layer ``module`` is, or ``None`` for other modules."""
+    for name in METHODS.names():
+        cls = METHODS.get(name)
+        if cls.layer_types and isinstance(module, cls.layer_types):
+            return cls()
+    return None

@@ -154,8 +154,24 @@ class Method:
         """Replace the layers this method compresses, in place; returns the model."""
         raise NotImplementedError
 
-    def cost(self, layer: nn.Module, input_shape: tuple[int, ...]) -> LayerCost:
-        """Stored bits and operations of one compressed layer for one input (C, H, W)."""
+    def cost(
+        self, layer: nn.Module, input_shape: tuple[int, ...], float_bits: int = 32
+    ) -> LayerCost:
+        """Stored bits and operations of one compressed layer for one input (C, H, W).
+
+        ``float_bits`` is the width its floating-point parts (scales, biases) are stored at.
+        """
+        raise NotImplementedError
+
+    def pack(self, layer: nn.Module, float_bits: int = 32) -> dict[str, tuple[str, Any]]:
+        """The exact stored form: ``{name: (encoding, numpy array)}``.
+
+        Encodings: ``"f4"`` float32, ``"f2"`` float16, ``"uB"`` unsigned integers of B bits.
+        """
+        raise NotImplementedError
+
+    def unpack(self, layer: nn.Module, arrays: dict[str, Any]) -> None:
+        """Load what :meth:`pack` wrote into a freshly converted layer of the same config."""
         raise NotImplementedError
 
     def on_epoch_end(self, model: nn.Module, epoch: int, epochs: int) -> None:

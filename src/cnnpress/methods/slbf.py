@@ -143,13 +143,13 @@ class _SLBFBase(nn.Module):
             self.logits.scatter_(-1, indices.long().unsqueeze(-1), margin)
             self.bank_proxy.copy_(bank.to(self.bank_proxy.dtype))
 
-    def stored_bits(self) -> int:
-        """m*d*kh*kw + n*s*ceil(log2 m) + 32 per scale and bias."""
+    def stored_bits(self, float_bits: int = 32) -> int:
+        """m*d*kh*kw + n*s*ceil(log2 m) + ``float_bits`` per scale and bias."""
         kh, kw = self.kernel_size
         bits = self.num_filters * self.slice_channels * kh * kw
         bits += self.out_channels * self.num_slices * index_bits(self.num_filters)
-        bits += 32 * self.out_channels * ((self.scale is not None) + (self.bias is not None))
-        return bits
+        floats = (self.scale is not None) + (self.bias is not None)
+        return bits + float_bits * self.out_channels * floats
 
     def fp32_bits(self) -> int:
         """Bits of the dense float32 layer this one replaces (weights and bias)."""
@@ -358,7 +358,9 @@ class SLBF(Method):
             replace_module(model, name, new)
         return model
 
-    def cost(self, layer: nn.Module, input_shape: tuple[int, ...]) -> LayerCost:
+    def cost(
+        self, layer: nn.Module, input_shape: tuple[int, ...], float_bits: int = 32
+    ) -> LayerCost:
         """Bits from :meth:`stored_bits`; per output pixel m*c*k*k binary MACs, n*s adds."""
         if isinstance(layer, SLBFConv2d):
             _, h, w = input_shape
@@ -373,7 +375,32 @@ class SLBF(Method):
         binary = layer.num_filters * layer.in_channels * kh * kw * pixels
         adds = layer.out_channels * layer.num_slices * pixels
         scale_macs = layer.out_channels * pixels if layer.scale is not None else 0
-        return LayerCost(layer.stored_bits(), layer.fp32_bits(), scale_macs, binary, adds)
+        return LayerCost(layer.stored_bits(float_bits), layer.fp32_bits(), scale_macs, binary, adds)
+
+    def pack(self, layer: nn.Module, float_bits: int = 32) -> dict[str, tuple[str, Any]]:
+        """Bank as 1-bit values (1 = +1), indices at ceil(log2 m) bits, floats as given."""
+        arrays: dict[str, tuple[str, Any]] = {
+            "bank": ("u1", (layer.bank() > 0).to(torch.uint8).numpy()),
+            "indices": (f"u{index_bits(layer.num_filters)}", layer.indices().numpy()),
+        }
+        enc = "f2" if float_bits == 16 else "f4"
+        for name in ("scale", "bias"):
+            tensor = getattr(layer, name)
+            if tensor is not None:
+                arrays[name] = (enc, tensor.detach().cpu().numpy())
+        return arrays
+
+    def unpack(self, layer: nn.Module, arrays: dict[str, Any]) -> None:
+        """Selections and bank from the stored bits; logits favour the stored choice."""
+        bank = torch.as_tensor(arrays["bank"].astype("float32") * 2.0 - 1.0)
+        if arrays["indices"].size and int(arrays["indices"].max()) >= layer.num_filters:
+            raise ValueError("a stored selection index is outside the bank")
+        indices = torch.as_tensor(arrays["indices"].astype("int64"))
+        layer.load_selection(indices, bank.view_as(layer.bank_proxy))
+        with torch.no_grad():
+            for name in ("scale", "bias"):
+                if getattr(layer, name) is not None:
+                    getattr(layer, name).copy_(torch.as_tensor(arrays[name].astype("float32")))
 
 
 def describe(model: nn.Module) -> list[dict[str, Any]]:

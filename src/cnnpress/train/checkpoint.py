@@ -1,9 +1,9 @@
-"""Checkpoints and model weights as safetensors + JSON metadata: no pickle anywhere.
+"""Training checkpoints as safetensors + JSON metadata (no pickle), and model loading.
 
-A model file holds the state dict and, in its metadata, how to rebuild the model: the
-architecture (registry name and arguments), the compression method and its config, and the
-dataset spec. A training checkpoint adds the optimiser state, the RNG state and the epoch.
-Every write is atomic.
+A checkpoint holds the state dict, the optimiser state, the RNG state and the epoch, and in
+its metadata how to rebuild the model: the architecture (registry name and arguments), the
+compression method and its config, and the dataset spec. Every write is atomic. Finished
+models are ``.cnnp`` files (``cnnpress.format``); :func:`load_model` reads both.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ __all__ = [
     "model_meta",
     "read_meta",
     "save_checkpoint",
-    "save_model",
 ]
 
 _KEY = "cnnpress"
@@ -61,12 +60,6 @@ def build_model(meta: dict[str, Any]) -> nn.Module:
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-
-
-def save_model(path: str | Path, model: nn.Module, **extra: Any) -> None:
-    """Write the weights and the rebuild metadata of ``model`` to ``path`` atomically."""
-    meta = json.dumps(model_meta(model, **extra))
-    atomic_write_bytes(path, st_save(_state(model), metadata={_KEY: meta}))
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
@@ -106,13 +99,34 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path) ->
 
 
 def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model saved at ``path`` (a weights file or a run folder); eval mode."""
+    """Rebuild a saved model, in eval mode, with its metadata.
+
+    ``path`` is a ``.cnnp`` file, a run folder (its ``model.cnnp``, else the model in its
+    last checkpoint) or a safetensors weights/checkpoint file written by cnnpress.
+    """
+    from cnnpress.format import load
+
     path = Path(path)
     if path.is_dir():
-        path = path / "model.safetensors"
+        cnnp = path / "model.cnnp"
+        path = cnnp if cnnp.is_file() else path / "checkpoint.safetensors"
+    if path.suffix == ".cnnp":
+        model = load(path)
+        meta = {
+            "arch": model.cnnpress_arch,
+            "method": getattr(model, "cnnpress_method", None),
+            "dataset": model.cnnpress_dataset,
+            "provenance": model.cnnpress_provenance,
+        }
+        return model, meta
     meta = read_meta(path)
     model = build_model(meta)
-    _load_state(model, _read_tensors(path), path)
+    tensors = _read_tensors(path)
+    if "epoch" in meta:  # a training checkpoint: the weights carry a "model." prefix
+        tensors = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    _load_state(model, tensors, path)
+    model.cnnpress_dataset = meta.get("dataset")
+    model.cnnpress_provenance = meta.get("provenance")
     return model.eval(), meta
 
 

@@ -1,10 +1,10 @@
 """The training loop: SGD/Adam with a cosine schedule, progress, metrics, checkpoints, resume.
 
-A run folder holds ``config.yaml`` (the resolved settings), ``metrics.jsonl`` (one JSON line per
-epoch), ``checkpoint.safetensors`` (the state after the last finished epoch) and, at the end,
-``model.safetensors`` and ``result.json``. Every file is written atomically, so a killed run
-leaves the folder consistent and ``resume=True`` continues from the last finished epoch with
-the same data order (it depends only on the seed and the epoch).
+A run folder holds ``config.yaml`` (the resolved settings), ``metrics.jsonl`` (one JSON line
+per epoch), ``checkpoint.safetensors`` (the state after the last finished epoch) and, at the
+end, the packed model ``model.cnnp`` (and the caller's ``result.json``). Every file is written
+atomically, so a killed run leaves the folder consistent and ``resume=True`` continues from
+the last finished epoch with the same data order (it depends only on the seed and the epoch).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from torch import nn
 
 from cnnpress.errors import CnnpressError
 from cnnpress.train.atomic import atomic_write_text
-from cnnpress.train.checkpoint import load_checkpoint, save_checkpoint, save_model
+from cnnpress.train.checkpoint import load_checkpoint, save_checkpoint
 from cnnpress.train.config import TrainConfig
 
 __all__ = ["evaluate", "fit", "lr_at", "make_optimizer", "recalibrate_batchnorm"]
@@ -216,8 +216,15 @@ def fit(
             + f"  {epoch_seconds:.0f}s"
         )
     model.eval()
-    save_model(run_dir / "model.safetensors", model, **extra_meta)
     final = history[-1] if history else {}
+    from cnnpress.format import save
+
+    prov = {
+        **(extra_meta.get("provenance") or {}),
+        "test_accuracy": final.get("test_accuracy"),
+        "epochs": cfg.epochs,
+    }
+    save(model, run_dir / "model.cnnp", dataset=extra_meta.get("dataset"), provenance=prov)
     return {
         "epochs": cfg.epochs,
         "test_accuracy": final.get("test_accuracy"),

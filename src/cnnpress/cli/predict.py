@@ -1,0 +1,70 @@
+"""Read images for ``cnnpress predict``: IDX, .npy or PNG, checked against the model's input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cnnpress.data import DatasetSpec, normalize
+from cnnpress.data.idx import read_idx
+from cnnpress.errors import CnnpressError
+
+__all__ = ["read_images"]
+
+
+def _as_nchw(arr: np.ndarray, spec: DatasetSpec, path: Path) -> np.ndarray:
+    c, (h, w) = spec.in_channels, spec.image_size
+    if arr.ndim == 2:
+        arr = arr[None, None]
+    elif arr.ndim == 3 and arr.shape[-1] in (1, 3, 4) and arr.shape[0] not in (1, 3):
+        arr = arr.transpose(2, 0, 1)[None]  # one H x W x C image
+    elif arr.ndim == 3:
+        arr = arr[:, None] if c == 1 and arr.shape[0] != 1 else arr[None]
+    elif arr.ndim != 4:
+        raise CnnpressError(
+            f"{path}: expected images of shape (N, C, H, W) or (N, H, W), got {arr.shape}"
+        )
+    if arr.shape[1] == 4 and c == 3:
+        arr = arr[:, :3]  # drop PNG alpha
+    if arr.shape[1] == 3 and c == 1:
+        raise CnnpressError(f"{path}: the model takes 1-channel (grayscale) images, got 3")
+    if arr.shape[1] != c or arr.shape[2:] != (h, w):
+        raise CnnpressError(
+            f"{path}: the model takes {c}x{h}x{w} images, got "
+            f"{arr.shape[1]}x{arr.shape[2]}x{arr.shape[3]}; resize them first"
+        )
+    return arr
+
+
+def read_images(path: str | Path, spec: DatasetSpec) -> torch.Tensor:
+    """Normalised float images (N, C, H, W) from an IDX, .npy or PNG file.
+
+    Pixels are uint8 (0-255); float .npy arrays must already be in [0, 1].
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CnnpressError(f"{path}: no such file")
+    name = path.name.lower()
+    if name.endswith(".png"):
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as img:
+                img = img.convert("L" if spec.in_channels == 1 else "RGB")
+                arr = np.asarray(img)
+        except (UnidentifiedImageError, OSError) as err:
+            raise CnnpressError(f"{path}: not a readable PNG ({err})") from None
+    elif name.endswith(".npy"):
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as err:
+            raise CnnpressError(f"{path}: not a readable .npy array ({err})") from None
+        if arr.dtype.kind == "f":
+            arr = np.clip(np.rint(arr * 255.0), 0, 255)
+        arr = arr.astype(np.uint8)
+    else:
+        arr = read_idx(path)
+    images = torch.from_numpy(np.array(_as_nchw(arr, spec, path), dtype=np.uint8))
+    return normalize(images, spec.mean, spec.std)

@@ -1,0 +1,234 @@
+"""The ``.cnnp`` file: a compressed model that loads back without pickle.
+
+Layout (all integers little-endian)::
+
+    magic      8 bytes   b"\\x89CNNP\\r\\n\\x1a"
+    version    u16       format version (this code writes and reads 1)
+    length     u32       bytes of the manifest
+    manifest   zlib-compressed UTF-8 JSON: architecture (registry name and arguments), method
+               and config, float width, dataset spec (normalisation, class names),
+               provenance (command, commit, accuracy) and the [encoding, shape] of every array
+    payload    the arrays in layout order (``format.layout``), each padded to a whole byte
+    checksum   u32       CRC-32 of everything before it
+
+The loader checks magic, version and checksum, rebuilds the model from the registry, derives
+the array layout from it and refuses a manifest that disagrees with it. Every problem raises
+:class:`FormatError` with one line; nothing else escapes.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cnnpress.errors import CnnpressError
+from cnnpress.format.layout import Entry, decode, encode, layout, nbytes
+from cnnpress.methods import method_for
+from cnnpress.train.atomic import atomic_write_bytes
+
+__all__ = ["FORMAT_VERSION", "MAGIC", "FormatError", "FileInfo", "load", "read_info", "save"]
+
+MAGIC = b"\x89CNNP\r\n\x1a"
+FORMAT_VERSION = 1
+_HEAD = struct.Struct("<8sHI")
+
+
+class FormatError(CnnpressError):
+    """A ``.cnnp`` file that is not one, is damaged, too new or disagrees with itself."""
+
+
+class FileInfo(dict):
+    """What :func:`read_info` finds: manifest, sizes, and the arrays with their byte counts."""
+
+
+def _assemble(manifest: dict[str, Any], payload: bytes, version: int = FORMAT_VERSION) -> bytes:
+    blob = zlib.compress(json.dumps(manifest, separators=(",", ":")).encode(), 9)
+    body = _HEAD.pack(MAGIC, version, len(blob)) + blob + payload
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def save(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    float16: bool = False,
+    dataset: dict[str, Any] | None = None,
+    provenance: dict[str, Any] | None = None,
+) -> int:
+    """Write ``model`` to ``path`` as a ``.cnnp`` file, atomically; returns the file's bytes.
+
+    Args:
+        model: A model built by ``cnnpress.models.create`` (and maybe ``cnnpress.compress``).
+        path: Destination.
+        float16: Store the floating-point tensors that are not bit-packed (BatchNorm, biases,
+            scales, uncompressed layers) as float16 instead of float32.
+        dataset: Dataset spec (``DatasetSpec.to_dict()``); default ``model.cnnpress_dataset``.
+        provenance: Command, commit, accuracy...; default ``model.cnnpress_provenance``.
+    """
+    from cnnpress.models import arch_of
+
+    float_bits = 16 if float16 else 32
+    entries = layout(model, float_bits, with_values=True)
+    manifest = {
+        "arch": arch_of(model),
+        "method": getattr(model, "cnnpress_method", None),
+        "float_bits": float_bits,
+        "dataset": dataset if dataset is not None else getattr(model, "cnnpress_dataset", None),
+        "provenance": provenance
+        if provenance is not None
+        else getattr(model, "cnnpress_provenance", None),
+        "arrays": [[e.encoding, list(e.shape)] for e in entries],
+    }
+    data = _assemble(manifest, b"".join(encode(e) for e in entries))
+    atomic_write_bytes(path, data)
+    return len(data)
+
+
+def _fail(path: Path, problem: str) -> FormatError:
+    return FormatError(f"{path}: {problem}")
+
+
+def _parse(path: Path) -> tuple[dict[str, Any], bytes, int]:
+    """Manifest, payload and header size, after every check that needs no model."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise _fail(path, "no such file") from None
+    except OSError as err:
+        raise _fail(path, f"cannot read ({err.strerror})") from None
+    if len(data) < _HEAD.size + 4:
+        raise _fail(path, f"truncated: {len(data)} bytes is shorter than any .cnnp file")
+    magic, version, length = _HEAD.unpack_from(data)
+    if magic != MAGIC:
+        raise _fail(path, "not a .cnnp file (wrong magic bytes)")
+    if version > FORMAT_VERSION:
+        raise _fail(
+            path,
+            f"format version {version} is newer than this cnnpress reads "
+            f"({FORMAT_VERSION}); upgrade cnnpress",
+        )
+    if version < 1:
+        raise _fail(path, f"invalid format version {version}")
+    (stored_crc,) = struct.unpack_from("<I", data, len(data) - 4)
+    if zlib.crc32(data[:-4]) != stored_crc:
+        raise _fail(path, "checksum mismatch: the file is truncated or corrupt")
+    end = _HEAD.size + length
+    if end > len(data) - 4:
+        raise _fail(path, "manifest length points past the end of the file")
+    try:
+        manifest = json.loads(zlib.decompress(data[_HEAD.size : end]))
+    except (zlib.error, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise _fail(path, f"unreadable manifest ({err})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("arch"), dict):
+        raise _fail(path, "manifest has no architecture")
+    return manifest, data[end:-4], end
+
+
+def _build(path: Path, manifest: dict[str, Any]) -> nn.Module:
+    from cnnpress.api import compress
+    from cnnpress.models import create
+
+    arch = dict(manifest["arch"])
+    name = arch.pop("name", None)
+    try:
+        model = create(name, **arch)
+        method = manifest.get("method")
+        if method:
+            model = compress(model, method["name"], **method["config"])
+    except CnnpressError as err:
+        raise _fail(path, f"cannot rebuild the model: {err}") from None
+    except (TypeError, KeyError) as err:
+        raise _fail(path, f"cannot rebuild the model from its manifest ({err})") from None
+    return model
+
+
+def _check_layout(
+    path: Path, manifest: dict[str, Any], expected: list[Entry], payload: bytes
+) -> None:
+    listed = manifest.get("arrays")
+    if not isinstance(listed, list) or len(listed) != len(expected):
+        count = len(listed) if isinstance(listed, list) else "no"
+        raise _fail(path, f"manifest lists {count} arrays, the model needs {len(expected)}")
+    for i, (item, want) in enumerate(zip(listed, expected, strict=True)):
+        if item != [want.encoding, list(want.shape)]:
+            raise _fail(
+                path,
+                f"array {i} ({want.key}) is listed as {item}, the model needs "
+                f"{[want.encoding, list(want.shape)]}",
+            )
+    size = sum(nbytes(e.encoding, e.shape) for e in expected)
+    if size != len(payload):
+        raise _fail(path, f"payload holds {len(payload)} bytes, the manifest needs {size}")
+
+
+def load(path: str | Path) -> nn.Module:
+    """Rebuild the model stored at ``path``, in eval mode, with no pickle.
+
+    The model gets ``cnnpress_dataset`` and ``cnnpress_provenance`` from the manifest.
+
+    Raises:
+        FormatError: The file is missing, damaged, too new or inconsistent (one line).
+    """
+    path = Path(path)
+    manifest, payload, _ = _parse(path)
+    model = _build(path, manifest)
+    float_bits = manifest.get("float_bits", 32)
+    if float_bits not in (16, 32):
+        raise _fail(path, f"unsupported float width {float_bits}")
+    expected = layout(model, float_bits)
+    _check_layout(path, manifest, expected, payload)
+    by_module: dict[str, dict[str, Any]] = {}
+    offset = 0
+    for e in expected:
+        size = nbytes(e.encoding, e.shape)
+        by_module.setdefault(e.module, {})[e.name] = decode(
+            payload[offset : offset + size], e.encoding, e.shape
+        )
+        offset += size
+    try:
+        for mod_name, arrays in by_module.items():
+            module = model.get_submodule(mod_name) if mod_name else model
+            method = method_for(module)
+            if method is not None:
+                method.unpack(module, arrays)
+                continue
+            with torch.no_grad():
+                for name, values in arrays.items():
+                    getattr(module, name).copy_(torch.from_numpy(values))
+    except (ValueError, RuntimeError) as err:
+        raise _fail(path, f"payload does not fit the model ({err})") from None
+    model.cnnpress_dataset = manifest.get("dataset")
+    model.cnnpress_provenance = manifest.get("provenance")
+    return model.eval()
+
+
+def read_info(path: str | Path) -> FileInfo:
+    """Manifest and byte accounting of a ``.cnnp`` file (header, payload per array, total)."""
+    path = Path(path)
+    manifest, payload, header = _parse(path)
+    model = _build(path, manifest)
+    expected = layout(model, manifest.get("float_bits", 32))
+    _check_layout(path, manifest, expected, payload)
+    return FileInfo(
+        manifest=manifest,
+        header_bytes=header,
+        checksum_bytes=4,
+        payload_bytes=len(payload),
+        file_bytes=header + len(payload) + 4,
+        arrays=[
+            {
+                "key": e.key,
+                "module": e.module,
+                "encoding": e.encoding,
+                "shape": list(e.shape),
+                "bytes": nbytes(e.encoding, e.shape),
+            }
+            for e in expected
+        ],
+    )

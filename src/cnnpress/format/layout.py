@@ -1,0 +1,97 @@
+"""Which arrays a model stores, in which order and encoding: the payload layout.
+
+Layers of registered methods store what their method's ``pack`` returns; every other module
+stores its own parameters and the buffers inference needs (BatchNorm running statistics,
+not ``num_batches_tracked``) as float32 or float16. The order is the model's module order,
+so the file needs no tensor names: the loader rebuilds the model and derives the same list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cnnpress.format.bitpack import pack_bits, packed_size, unpack_bits
+from cnnpress.methods import method_for
+
+__all__ = ["Entry", "decode", "encode", "layout", "nbytes"]
+
+_SKIP = ("num_batches_tracked",)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One stored array: where it goes, how it is encoded, its shape and (when saving) values."""
+
+    module: str
+    name: str
+    encoding: str
+    shape: tuple[int, ...]
+    values: Any = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.module}.{self.name}" if self.module else self.name
+
+
+def nbytes(encoding: str, shape: tuple[int, ...]) -> int:
+    """Bytes an array of ``shape`` takes in ``encoding`` (bit-packed ones rounded up)."""
+    count = int(np.prod(shape, dtype=np.int64))
+    if encoding == "f4":
+        return 4 * count
+    if encoding == "f2":
+        return 2 * count
+    return packed_size(count, int(encoding[1:]))
+
+
+def encode(entry: Entry) -> bytes:
+    """The bytes of one array."""
+    if entry.encoding == "f4":
+        return np.ascontiguousarray(entry.values, dtype="<f4").tobytes()
+    if entry.encoding == "f2":
+        return np.ascontiguousarray(entry.values, dtype="<f2").tobytes()
+    return pack_bits(np.asarray(entry.values), int(entry.encoding[1:]))
+
+
+def decode(data: bytes, encoding: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Inverse of :func:`encode` (floats come back as float32)."""
+    count = int(np.prod(shape, dtype=np.int64))
+    if encoding in ("f4", "f2"):
+        arr = np.frombuffer(data, dtype="<" + encoding, count=count).astype(np.float32)
+    else:
+        arr = unpack_bits(data, int(encoding[1:]), count)
+    return arr.reshape(shape)
+
+
+def layout(model: nn.Module, float_bits: int = 32, with_values: bool = False) -> list[Entry]:
+    """Every array ``model`` stores, in file order."""
+    enc = "f2" if float_bits == 16 else "f4"
+    entries: list[Entry] = []
+    for mod_name, module in model.named_modules():
+        method = method_for(module)
+        if method is not None:
+            for name, (encoding, values) in method.pack(module, float_bits).items():
+                arr = np.asarray(values)
+                entries.append(
+                    Entry(mod_name, name, encoding, tuple(arr.shape), arr if with_values else None)
+                )
+            continue
+        if any(method_for(parent) is not None for parent in _parents(model, mod_name)):
+            continue
+        tensors = list(module.named_parameters(recurse=False))
+        tensors += [(n, b) for n, b in module.named_buffers(recurse=False) if n not in _SKIP]
+        for name, tensor in tensors:
+            if not torch.is_floating_point(tensor):
+                continue
+            values = tensor.detach().cpu().numpy() if with_values else None
+            entries.append(Entry(mod_name, name, enc, tuple(tensor.shape), values))
+    return entries
+
+
+def _parents(model: nn.Module, name: str) -> list[nn.Module]:
+    parts = name.split(".") if name else []
+    return [model.get_submodule(".".join(parts[:i])) for i in range(1, len(parts))]
