@@ -241,3 +241,21 @@ def test_file_commands_summary_predict_export(tmp_path, capsys):
     (tmp_path / "junk.cnnp").write_bytes(b"junk")
     code, _, err = run(capsys, "evaluate", str(tmp_path / "junk.cnnp"))
     assert code == 2 and "junk.cnnp" in err
+
+
+def test_compress_with_a_teacher(tmp_path, capsys):
+    base = ["--model", "lenet5", "--data", "synthetic", "--epochs", "1", "--threads", "1"]
+    assert run(capsys, "train", *base, "--out", str(tmp_path / "t"))[0] == 0
+    code, out, _ = run(capsys, "compress", "--method", "slbf", *base, "--slice-channels", "2",
+                       "--teacher", str(tmp_path / "t"), "--kd-alpha", "0.5", "--out",
+                       str(tmp_path / "s"), "--json")
+    assert code == 0
+    assert json.loads(out)["distill"] == {"temperature": 4.0, "alpha": 0.5,
+                                         "teacher": str(tmp_path / "t")}
+    assert run(capsys, "compress", "--method", "slbf", *base, "--slice-channels", "2", "--out",
+               str(tmp_path / "plain"))[0] == 0
+    loss = lambda d: json.loads((tmp_path / d / "metrics.jsonl").read_text())["train_loss"]  # noqa: E731
+    assert loss("s") != pytest.approx(loss("plain"), rel=1e-3)  # the KD loss was used
+    code, _, err = run(capsys, "compress", "--method", "slbf", *base, "--kd-alpha", "0.5",
+                       "--out", str(tmp_path / "u"))
+    assert code == 2 and "--teacher" in err

@@ -120,3 +120,16 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path):
             tmp_path,
             loss_fn=lambda out, y, x: out.sum() * float("nan"),
         )
+
+
+def test_kd_loss_is_hintons_formula():
+    from cnnpress.methods.distill import kd_loss
+
+    torch.manual_seed(0)
+    s, t, y = torch.randn(5, 4), torch.randn(5, 4), torch.randint(0, 4, (5,))
+    T, a = 3.0, 0.7
+    p_t = torch.softmax(t / T, 1)
+    kl = (p_t * (p_t.log() - torch.log_softmax(s / T, 1))).sum(1).mean()
+    want = (1 - a) * torch.nn.functional.cross_entropy(s, y) + a * T * T * kl
+    torch.testing.assert_close(kd_loss(s, t, y, T, a), want)
+    assert kd_loss(t, t, y, T, 1.0).abs() < 1e-6  # a student equal to its teacher

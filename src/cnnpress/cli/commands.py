@@ -19,6 +19,7 @@ from cnnpress.api import compress
 from cnnpress.cost import summary
 from cnnpress.data import DatasetSpec, Loader, get_spec, load_dataset
 from cnnpress.errors import CnnpressError, ConfigError
+from cnnpress.methods import get as get_method
 from cnnpress.provenance import provenance
 from cnnpress.train.atomic import atomic_write_text
 from cnnpress.train.checkpoint import load_model
@@ -87,6 +88,18 @@ def resolve_config(args: argparse.Namespace, with_method: bool) -> dict[str, Any
             cfg["method"] = args.method
         if args.init is not None:
             cfg["init"] = args.init
+        kd = dict(cfg.get("distill") or {})
+        for flag, key in (
+            ("teacher", "teacher"),
+            ("kd_temperature", "temperature"),
+            ("kd_alpha", "alpha"),
+        ):
+            if getattr(args, flag, None) is not None:
+                kd[key] = getattr(args, flag)
+        if kd:
+            if not kd.get("teacher"):
+                raise ConfigError("--kd-temperature/--kd-alpha need --teacher FILE")
+            cfg["distill"] = {"temperature": 4.0, "alpha": 0.9, **kd}
         mc = dict(cfg.get("method_config") or {})
         for flag, key in _METHOD_FLAGS.items():
             if getattr(args, flag, None) is not None:
@@ -160,6 +173,14 @@ def _run(args: argparse.Namespace, console: Console, err: Console, with_method: 
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
     prov = provenance()
     meta = {"dataset": spec.to_dict(), "provenance": prov}
+    loss_fn = None
+    if cfg.get("distill"):
+        from cnnpress.methods.distill import make_kd_loss
+
+        kd = cfg["distill"]
+        teacher, _ = load_model(kd["teacher"])
+        loss_fn = make_kd_loss(teacher, kd["temperature"], kd["alpha"])
+    method = get_method(cfg["method"])() if cfg.get("method") else None
     start = time.perf_counter()
     result = fit(
         model,
@@ -170,6 +191,8 @@ def _run(args: argparse.Namespace, console: Console, err: Console, with_method: 
         resume=args.resume,
         console=err,
         extra_meta=meta,
+        loss_fn=loss_fn,
+        method=method,
     )
     totals = summary(model, (spec.in_channels, *spec.image_size)).totals
     record = {
@@ -179,6 +202,7 @@ def _run(args: argparse.Namespace, console: Console, err: Console, with_method: 
         "method": cfg.get("method", "fp32"),
         "method_config": cfg.get("method_config"),
         "init": cfg.get("init"),
+        "distill": cfg.get("distill"),
         "train": cfg["train"],
         "test_accuracy": result["test_accuracy"],
         "epochs": result["epochs"],

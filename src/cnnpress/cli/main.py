@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", help="start from trained weights (a run folder or model file)")
     p.add_argument("--slice-channels", type=int, help="SLBF slice width d")
     p.add_argument("--num-filters", type=int, help="SLBF bank size m")
+    p.add_argument("--teacher", help="distil from this trained model (.cnnp or run folder)")
+    p.add_argument("--kd-temperature", type=float, help="distillation temperature T (4)")
+    p.add_argument("--kd-alpha", type=float, help="weight of the soft-target loss (0.9)")
 
     p = sub.add_parser("evaluate", help="test accuracy of a trained model")
     p.add_argument("model_file", help="model.cnnp file or run folder")

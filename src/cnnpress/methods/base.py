@@ -176,3 +176,7 @@ class Method:
 
     def on_epoch_end(self, model: nn.Module, epoch: int, epochs: int) -> None:
         """Called after each training epoch (schedules). Default: nothing."""
+
+    def regulariser(self, model: nn.Module) -> Any | None:
+        """A term added to the training loss each step (a scalar tensor), or ``None``."""
+        return None

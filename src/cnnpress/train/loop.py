@@ -116,6 +116,7 @@ def fit(
     on_epoch_end: Callable[[nn.Module, int, int], None] | None = None,
     console: Console | None = None,
     extra_meta: dict[str, Any] | None = None,
+    method: Any | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` in place and write the run folder.
 
@@ -130,6 +131,8 @@ def fit(
         on_epoch_end: Called as ``on_epoch_end(model, epoch, epochs)`` after each epoch.
         console: Where progress and epoch lines go.
         extra_meta: Saved with the checkpoints and the model (dataset spec, provenance).
+        method: The compression method (a ``cnnpress.methods.Method``): its ``regulariser``
+            is added to the loss and its ``on_epoch_end`` runs after each epoch.
 
     Returns:
         The final metrics (also written to ``result.json`` by the caller's choice).
@@ -174,6 +177,10 @@ def fit(
                     group["lr"] = lr
                 out = model(x)
                 loss = loss_fn(out, y, x)
+                if method is not None:
+                    reg = method.regulariser(model)
+                    if reg is not None:
+                        loss = loss + reg
                 if not torch.isfinite(loss):
                     raise CnnpressError(
                         f"loss became {loss.item()} at epoch {epoch + 1} step {i + 1}; the run "
@@ -188,6 +195,8 @@ def fit(
                 bar.update(task, advance=1, loss=loss_sum / count, acc=100.0 * correct / count)
         epoch_seconds = time.perf_counter() - t0
         train_seconds += epoch_seconds
+        if method is not None:
+            method.on_epoch_end(model, epoch, cfg.epochs)
         if on_epoch_end is not None:
             on_epoch_end(model, epoch, cfg.epochs)
         record: dict[str, Any] = {
