@@ -16,6 +16,7 @@ def test_totals_equal_the_sum_of_rows():
     s = cnnpress.summary(net, (1, 28, 28))
     for key in ("weights", "stored_bits", "fp32_bits", "macs", "binary_macs", "adds"):
         assert s.totals[key] == sum(getattr(r, key) for r in s.rows)
+    assert s.totals["reference_fp32_bits"] == s.totals["fp32_bits"]  # SLBF keeps the shapes
     assert s.totals["ratio"] == s.totals["fp32_bits"] / s.totals["stored_bits"]
     comp = [r for r in s.rows if r.compressed]
     assert s.totals["compressed_layers"] == len(comp) == 18

@@ -27,6 +27,8 @@ def compress(model: nn.Module, method: str, **settings: Any) -> nn.Module:
     """
     cls = get_method(method)
     config = config_from_dict(cls.Config, settings)
-    new = cls().convert(copy.deepcopy(model), config)
+    new = copy.deepcopy(model)
+    config = cls().resolve(new, config)
+    new = cls().convert(new, config)
     new.cnnpress_method = {"name": method, "config": config.to_dict()}
     return new

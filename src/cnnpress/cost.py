@@ -70,7 +70,7 @@ class Summary:
             per_module[a["module"]] = per_module.get(a["module"], 0) + a["bytes"]
         for r in self.rows:
             r.file_bytes = per_module.get(r.name, 0)
-        fp32_bytes = self.totals["fp32_bits"] / 8
+        fp32_bytes = self.totals["reference_fp32_bits"] / 8
         self.file = {
             "header_bytes": info["header_bytes"],
             "checksum_bytes": info["checksum_bytes"],
@@ -228,15 +228,30 @@ def summary(model: nn.Module, input_shape: tuple[int, ...], float_bits: int = 32
                 method is not None,
             )
         )
-    return Summary(rows, _totals(rows), tuple(input_shape))
+    return Summary(rows, _totals(rows, _reference_fp32_bits(model)), tuple(input_shape))
 
 
-def _totals(rows: list[SummaryRow]) -> dict[str, Any]:
+def _reference_fp32_bits(model: nn.Module) -> int | None:
+    """fp32 bits of the uncompressed architecture (methods may change shapes, e.g. pruning)."""
+    arch = getattr(model, "cnnpress_arch", None)
+    if arch is None:
+        return None
+    from cnnpress.models import create
+
+    arch = dict(arch)
+    original = create(arch.pop("name"), **arch)
+    return 32 * sum(inference_numel(m) for m in original.modules())
+
+
+def _totals(rows: list[SummaryRow], reference_fp32_bits: int | None) -> dict[str, Any]:
     tot: dict[str, Any] = {
         key: sum(getattr(r, key) for r in rows)
         for key in ("weights", "stored_bits", "fp32_bits", "macs", "binary_macs", "adds")
     }
-    tot["ratio"] = tot["fp32_bits"] / tot["stored_bits"] if tot["stored_bits"] else 0.0
+    # the ratio is against the original model in fp32 (the rows' fp32 bits describe the layers
+    # as they are, which differs only where a method changed shapes)
+    tot["reference_fp32_bits"] = reference_fp32_bits or tot["fp32_bits"]
+    tot["ratio"] = tot["reference_fp32_bits"] / tot["stored_bits"] if tot["stored_bits"] else 0.0
     comp = [r for r in rows if r.compressed]
     tot["compressed_layers"] = len(comp)
     tot["compressed_stored_bits"] = sum(r.stored_bits for r in comp)

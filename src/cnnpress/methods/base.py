@@ -150,8 +150,20 @@ class Method:
     Config: ClassVar[type] = MethodConfig
     layer_types: ClassVar[tuple[type, ...]] = ()
 
+    def resolve(self, model: nn.Module, config: Any) -> Any:
+        """Fill data-dependent decisions into the config before :meth:`convert`.
+
+        ``compress`` records the returned config, and a file rebuilds the model from it, so a
+        decision that changes shapes (for example how many channels filter pruning keeps) must
+        be made here and written into the config. Default: the config unchanged.
+        """
+        return config
+
     def convert(self, model: nn.Module, config: Any) -> nn.Module:
-        """Replace the layers this method compresses, in place; returns the model."""
+        """Replace the layers this method compresses, in place; returns the model.
+
+        Must give the same shapes for the same config, whatever the weights are.
+        """
         raise NotImplementedError
 
     def cost(
