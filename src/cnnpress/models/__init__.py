@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from cnnpress.models import lenet, resnet, vgg  # noqa: F401  (registers the architectures)
+from cnnpress.models import lenet, mobile, resnet, vgg  # noqa: F401  (registers them)
 from cnnpress.models.registry import MODELS
 
 __all__ = ["create", "names", "arch_of"]

@@ -1,0 +1,91 @@
+"""The method contract, run over every registered method (DESIGN.md, "The method contract").
+
+A new method inherits all of it: forward shape, gradients for every trainable parameter, no
+NaN, config round trip, pack -> unpack gives the same outputs, stored bits equal the bytes
+written (to byte rounding per array), and the file is smaller than fp32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+import torch
+
+import cnnpress
+from cnnpress.format import read_info
+from cnnpress.methods.base import config_from_dict
+
+METHODS = cnnpress.methods.names()
+
+
+def base_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return cnnpress.models.create("resnet20", 1, 10, width=16)
+
+
+@pytest.fixture(scope="module", params=METHODS)
+def compressed(request):
+    net = cnnpress.compress(base_model(), request.param)
+    return request.param, net
+
+
+def randomise_batchnorm(net: torch.nn.Module) -> None:
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 2.0)
+
+
+def test_forward_backward_no_nan(compressed):
+    name, net = compressed
+    net.train()
+    out = net(torch.randn(4, 1, 28, 28))
+    assert out.shape == (4, 10) and torch.isfinite(out).all(), name
+    out.logsumexp(1).sum().backward()
+    missing = [n for n, p in net.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"{name}: no gradient for {missing[:3]}"
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+    net.zero_grad()
+
+
+def test_config_round_trip(compressed):
+    name, net = compressed
+    cls = cnnpress.methods.get(name)
+    recorded = net.cnnpress_method["config"]
+    config = config_from_dict(cls.Config, recorded)
+    assert dataclasses.asdict(config) == recorded
+    again = cnnpress.compress(base_model(), name, **recorded)
+    shapes = {k: v.shape for k, v in net.state_dict().items()}
+    assert {k: v.shape for k, v in again.state_dict().items()} == shapes
+
+
+def test_pack_unpack_same_outputs_and_honest_size(compressed, tmp_path):
+    name, net = compressed
+    randomise_batchnorm(net)
+    net.eval()
+    path = tmp_path / f"{name}.cnnp"
+    written = cnnpress.save(net, path)
+    same = cnnpress.load(path)
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        a, b = net(x), same(x)
+    assert ((a - b).abs().max() / a.abs().max().clamp_min(1e-12)).item() <= 1e-5, name
+    info = read_info(path)
+    assert written == os.path.getsize(path) == info["file_bytes"]
+    summary = cnnpress.summary(net, (1, 28, 28))
+    summary.attach_file(info)
+    per_row: dict[str, int] = {}
+    for arr in info["arrays"]:
+        per_row[arr["module"]] = per_row.get(arr["module"], 0) + 1
+    for row in summary.rows:
+        slack = 8 * per_row.get(row.name, 0)
+        assert 0 <= 8 * row.file_bytes - row.stored_bits < max(slack, 1), (name, row.name)
+
+
+def test_file_is_smaller_than_fp32(compressed, tmp_path):
+    name, net = compressed
+    cnnpress.save(net, tmp_path / "c.cnnp")
+    cnnpress.save(base_model(), tmp_path / "fp32.cnnp")
+    assert os.path.getsize(tmp_path / "c.cnnp") < os.path.getsize(tmp_path / "fp32.cnnp"), name
