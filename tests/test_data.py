@@ -358,3 +358,11 @@ def test_real_fashion_mnist_test_split() -> None:
     assert torch.bincount(ds.labels, minlength=10).tolist() == [1000] * 10
     with gzip.open(FMNIST_DIR / "t10k-labels-idx1-ubyte.gz") as f:
         assert f.read(4) == b"\x00\x00\x08\x01"
+
+
+def test_limit_option_keeps_the_first_samples():
+    full = load_dataset("synthetic", "train", num_samples=40)
+    part = load_dataset("synthetic", "train", num_samples=40, limit=7)
+    assert len(part) == 7 and torch.equal(part.images, full.images[:7])
+    with pytest.raises(DataError, match="limit"):
+        load_dataset("synthetic", "train", limit=0)

@@ -179,8 +179,10 @@ def load_dataset(
         name: One of :func:`dataset_names`.
         split: ``"train"`` or ``"test"`` (the published splits).
         data_dir: Folder holding the files; defaults to :func:`default_data_dir`.
-        **options: Only for ``synthetic``: ``num_samples``, ``in_channels``, ``image_size``,
-            ``num_classes``, ``seed``.
+        **options: ``limit`` (any dataset): keep only the first ``limit`` samples of the
+            split, for smoke tests and quick trials (never for reported accuracy). Only for
+            ``synthetic``: ``num_samples``, ``in_channels``, ``image_size``, ``num_classes``,
+            ``seed``.
 
     Returns:
         The split.
@@ -191,6 +193,12 @@ def load_dataset(
     _check_name(name)
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r} for dataset {name!r}; use 'train' or 'test'")
+    limit = options.pop("limit", None)
+    if limit is not None:
+        if not isinstance(limit, int) or limit < 1:
+            raise DataError(f"limit must be a positive integer, got {limit!r}")
+        full = load_dataset(name, split, data_dir, **options)
+        return Dataset(full.images[:limit].clone(), full.labels[:limit].clone(), full.spec, split)
     if name == "synthetic":
         return make_synthetic(split, **options)
     if options:
