@@ -1,0 +1,279 @@
+"""Every method on the same network and data: one results file, one table, one plot.
+
+A comparison recipe names a base (model, data, training budget) and a list of runs, each a
+method with its settings (or a different model, or a teacher for distillation). Each run has
+its own folder under ``out``: a finished run (``result.json`` present) is not trained again,
+an interrupted one resumes from its checkpoint. Then every model is measured from its
+``.cnnp`` file: test accuracy, file bytes, compression ratio, MACs, and CPU latency at batch
+1 and 64 measured side by side (repetitions interleaved across the models).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from cnnpress.errors import ConfigError
+
+__all__ = [
+    "load_recipe",
+    "measure_latency",
+    "measure_runs",
+    "pareto_front",
+    "plot",
+    "run_comparison",
+    "table",
+]
+
+_RUN_KEYS = {
+    "name",
+    "model",
+    "model_args",
+    "method",
+    "method_config",
+    "distill",
+    "init",
+    "train",
+    "data_options",
+}
+
+
+def load_recipe(path: str | Path) -> dict[str, Any]:
+    """Read and check a comparison recipe; returns it with one resolved config per run."""
+    try:
+        recipe = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"comparison recipe {path} not found") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(recipe, dict) or not isinstance(recipe.get("runs"), list):
+        raise ConfigError(f"{path}: a comparison recipe needs a list of `runs`")
+    for key in ("model", "data", "out"):
+        if not recipe.get(key):
+            raise ConfigError(f"{path}: missing `{key}`")
+    names = set()
+    configs = []
+    for i, run in enumerate(recipe["runs"]):
+        if not isinstance(run, dict) or not run.get("name"):
+            raise ConfigError(f"{path}: run {i + 1} needs a `name`")
+        unknown = sorted(set(run) - _RUN_KEYS)
+        if unknown:
+            raise ConfigError(f"{path}: run {run['name']!r} has unknown key(s) {unknown}")
+        if run["name"] in names:
+            raise ConfigError(f"{path}: run name {run['name']!r} appears twice")
+        names.add(run["name"])
+        cfg = {
+            "model": run.get("model", recipe["model"]),
+            "model_args": run.get("model_args", recipe.get("model_args") or {}),
+            "data": recipe["data"],
+            "data_dir": recipe.get("data_dir"),
+            "data_options": {
+                **(recipe.get("data_options") or {}),
+                **(run.get("data_options") or {}),
+            },
+            "train": {**(recipe.get("train") or {}), **(run.get("train") or {})},
+            "out": str(Path(recipe["out"]) / run["name"]),
+        }
+        for key in ("method", "method_config", "init"):
+            if run.get(key) is not None:
+                cfg[key] = run[key]
+        if run.get("distill"):
+            kd = dict(run["distill"])
+            teacher = kd.get("teacher")
+            if teacher in names:  # a teacher named after an earlier run of this comparison
+                kd["teacher"] = str(Path(recipe["out"]) / teacher)
+            cfg["distill"] = {"temperature": 4.0, "alpha": 0.9, **kd}
+        if cfg.get("init") in names:
+            cfg["init"] = str(Path(recipe["out"]) / cfg["init"])
+        configs.append((run["name"], cfg))
+    recipe["resolved"] = configs
+    return recipe
+
+
+@torch.no_grad()
+def measure_latency(
+    models: dict[str, torch.nn.Module],
+    input_shape: tuple[int, ...],
+    batch: int,
+    repeats: int = 15,
+    warmup: int = 3,
+) -> dict[str, float]:
+    """Median seconds per forward pass of each model, repetitions interleaved across models."""
+    x = torch.randn(batch, *input_shape)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for r in range(warmup + repeats):
+        for name, model in models.items():
+            t0 = time.perf_counter()
+            model(x)
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both coordinates (ratio, accuracy)."""
+    front = []
+    for i, (r, a) in enumerate(points):
+        dominated = any(
+            (r2 >= r and a2 >= a) and (r2 > r or a2 > a)
+            for j, (r2, a2) in enumerate(points)
+            if j != i
+        )
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def table(records: list[dict[str, Any]]) -> str:
+    """The markdown table of the comparison."""
+    base = next((r for r in records if r.get("method") == "fp32"), None)
+    lines = [
+        "| run | method | settings | test acc. | vs fp32 | file bytes | ratio (file) | MACs | "
+        "binary MACs | latency b=1 | latency b=64 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        delta = r["accuracy"] - base["accuracy"] if base else 0.0
+        settings = json.dumps(r.get("settings") or {}, separators=(",", ":"))
+        if len(settings) > 60:
+            settings = settings[:57] + "..."
+        lines.append(
+            f"| {r['run']} | {r['method']} | `{settings}` | {r['accuracy']:.2f}% | "
+            f"{delta:+.2f} | {r['file_bytes']:,} | {r['ratio']:.1f}x | {r['macs'] / 1e6:.1f}M | "
+            f"{r['binary_macs'] / 1e6:.1f}M | {1e3 * r['latency_b1']:.2f} ms | "
+            f"{1e3 * r['latency_b64']:.1f} ms |"
+        )
+    return "\n".join(lines)
+
+
+def plot(records: list[dict[str, Any]], path: str | Path, title: str) -> None:
+    """Accuracy against compression ratio (log axis), one point per run, Pareto front drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(r["ratio"], r["accuracy"]) for r in records]
+    front = pareto_front(points)
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for r in records:
+        ax.scatter(
+            r["ratio"],
+            r["accuracy"],
+            s=40,
+            zorder=3,
+            color="tab:red" if r["method"] == "slbf" else "tab:blue",
+        )
+        ax.annotate(
+            r["run"],
+            (r["ratio"], r["accuracy"]),
+            textcoords="offset points",
+            xytext=(4, 4),
+            fontsize=8,
+        )
+    ax.plot(
+        [points[i][0] for i in front],
+        [points[i][1] for i in front],
+        "--",
+        color="grey",
+        zorder=2,
+        label="Pareto front",
+    )
+    ax.axvline(32, color="lightgrey", lw=1, zorder=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("compression ratio (fp32 parameter bytes / .cnnp file bytes)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def measure_runs(
+    done: list[tuple[str, dict[str, Any], dict[str, Any]]], repeats: int = 15
+) -> list[dict[str, Any]]:
+    """Accuracy, sizes and MACs of each run's ``.cnnp`` file, and side-by-side latency."""
+    from cnnpress import load, summary
+    from cnnpress.data import DatasetSpec, Loader, load_dataset
+    from cnnpress.format import read_info
+    from cnnpress.train.loop import evaluate
+
+    records, models, shape = [], {}, None
+    tests: dict[str, Any] = {}
+    for name, cfg, result in done:
+        path = Path(cfg["out"]) / "model.cnnp"
+        model = load(path)
+        spec = DatasetSpec.from_dict(model.cnnpress_dataset)
+        shape = (spec.in_channels, *spec.image_size)
+        key = json.dumps([cfg["data"], cfg.get("data_dir")])
+        if key not in tests:
+            tests[key] = load_dataset(cfg["data"], "test", cfg.get("data_dir"))
+        accuracy = evaluate(model, Loader(tests[key], 500, train=False))["accuracy"]
+        info = read_info(path)
+        s = summary(model, shape, float_bits=info["manifest"].get("float_bits", 32))
+        s.attach_file(info)
+        models[name] = model
+        records.append(
+            {
+                "run": name,
+                "method": cfg.get("method") or ("distill" if cfg.get("distill") else "fp32"),
+                "model": cfg["model"],
+                "settings": {
+                    k: cfg[k]
+                    for k in ("model_args", "method_config", "distill", "init")
+                    if cfg.get(k)
+                },
+                "accuracy": accuracy,
+                "epochs": result.get("epochs"),
+                "train_seconds": result.get("train_seconds"),
+                "file_bytes": info["file_bytes"],
+                "fp32_bytes": s.file["fp32_bytes"],
+                "ratio": s.file["ratio"],
+                "macs": s.totals["macs"],
+                "binary_macs": s.totals["binary_macs"],
+                "command": result.get("command"),
+                "commit": result.get("commit"),
+            }
+        )
+    for batch in (1, 64):
+        lat = measure_latency(models, shape, batch, repeats=repeats)
+        for r in records:
+            r[f"latency_b{batch}"] = lat[r["run"]]
+    return records
+
+
+def run_comparison(
+    recipe_path: str | Path,
+    train_run: Callable[[dict[str, Any]], dict[str, Any]],
+    measure: Callable[[list[tuple[str, dict[str, Any], dict[str, Any]]]], list[dict[str, Any]]],
+) -> dict[str, Any]:
+    """Train what is missing (cached, resumable), then measure everything together.
+
+    Args:
+        recipe_path: The comparison recipe.
+        train_run: Trains one resolved config (resuming when its folder has a checkpoint) and
+            returns its result record.
+        measure: Measures the finished runs side by side; returns one record per run.
+    """
+    recipe = load_recipe(recipe_path)
+    done = []
+    for name, cfg in recipe["resolved"]:
+        result_file = Path(cfg["out"]) / "result.json"
+        result = json.loads(result_file.read_text()) if result_file.is_file() else train_run(cfg)
+        done.append((name, cfg, result))
+    records = measure(done)
+    return {
+        "recipe": str(recipe_path),
+        "name": recipe.get("name", Path(recipe_path).stem),
+        "out": recipe["out"],
+        "runs": records,
+    }
