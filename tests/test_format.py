@@ -233,3 +233,22 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         save(slbf_resnet(), path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.cnnp"]  # no temporary left
+
+
+@pytest.mark.parametrize("float16", [False, True])
+def test_folded_batchnorm_is_smaller_same_function_and_costed(tmp_path, float16):
+    net = slbf_resnet()
+    save(net, tmp_path / "plain.cnnp", float16=float16)
+    save(net, tmp_path / "folded.cnnp", float16=float16, fold_batchnorm=True)
+    plain = read_info(tmp_path / "plain.cnnp")["payload_bytes"]
+    folded = read_info(tmp_path / "folded.cnnp")["payload_bytes"]
+    channels = sum(m.num_features for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert plain - folded == 2 * channels * (2 if float16 else 4)  # 2 of 4 values per channel
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        a, b = net(x), load(tmp_path / "folded.cnnp")(x)
+    tolerance = 5e-3 if float16 else 1e-5
+    assert ((a - b).abs().max() / a.abs().max()).item() <= tolerance
+    s = cnnpress.summary(net, (1, 28, 28), float_bits=16 if float16 else 32, fold_batchnorm=True)
+    info = read_info(tmp_path / "folded.cnnp")
+    assert 0 <= info["payload_bytes"] * 8 - s.totals["stored_bits"] < 8 * len(info["arrays"])

@@ -17,6 +17,7 @@ from rich.table import Table
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from cnnpress.format.layout import folds
 from cnnpress.methods import method_for
 from cnnpress.methods.base import LayerCost
 
@@ -167,7 +168,12 @@ def _weight_count(module: nn.Module) -> int:
     return inference_numel(module)
 
 
-def summary(model: nn.Module, input_shape: tuple[int, ...], float_bits: int = 32) -> Summary:
+def summary(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    float_bits: int = 32,
+    fold_batchnorm: bool = False,
+) -> Summary:
     """Per-layer storage and operations of ``model`` for one input of ``input_shape`` (C, H, W).
 
     Args:
@@ -175,6 +181,8 @@ def summary(model: nn.Module, input_shape: tuple[int, ...], float_bits: int = 32
         input_shape: Shape of one input without the batch dimension.
         float_bits: Width at which floating-point tensors are stored (32, or 16 for a file
             saved with float16); the fp32 reference stays at 32 bits.
+        fold_batchnorm: BatchNorm stored as 2 values per channel (scale and shift), as
+            ``cnnpress.save(..., fold_batchnorm=True)`` writes it.
 
     Returns:
         A :class:`Summary`; ``totals`` are sums over ``rows`` plus the ratios.
@@ -213,8 +221,9 @@ def summary(model: nn.Module, input_shape: tuple[int, ...], float_bits: int = 32
             cost: LayerCost = method.cost(module, shapes.get(name, input_shape), float_bits)
         else:
             numel = inference_numel(module)
+            stored = 2 * module.num_features if folds(module, fold_batchnorm) else numel
             macs = sum(flops.get(f"{prefix}.{name}", {}).values()) // 2
-            cost = LayerCost(stored_bits=float_bits * numel, fp32_bits=32 * numel, macs=macs)
+            cost = LayerCost(stored_bits=float_bits * stored, fp32_bits=32 * numel, macs=macs)
         rows.append(
             SummaryRow(
                 name,

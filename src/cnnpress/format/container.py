@@ -28,7 +28,15 @@ import torch
 from torch import nn
 
 from cnnpress.errors import CnnpressError
-from cnnpress.format.layout import Entry, decode, encode, layout, nbytes
+from cnnpress.format.layout import (
+    Entry,
+    decode,
+    encode,
+    folds,
+    layout,
+    load_folded_batchnorm,
+    nbytes,
+)
 from cnnpress.methods import method_for
 from cnnpress.train.atomic import atomic_write_bytes
 
@@ -58,6 +66,7 @@ def save(
     path: str | Path,
     *,
     float16: bool = False,
+    fold_batchnorm: bool = False,
     dataset: dict[str, Any] | None = None,
     provenance: dict[str, Any] | None = None,
 ) -> int:
@@ -68,17 +77,21 @@ def save(
         path: Destination.
         float16: Store the floating-point tensors that are not bit-packed (BatchNorm, biases,
             scales, uncompressed layers) as float16 instead of float32.
+        fold_batchnorm: Store each BatchNorm as its inference scale and shift (2 values per
+            channel instead of 4). The loaded model computes the same function in eval mode;
+            its BatchNorm statistics are gone, so it is for inference, not further training.
         dataset: Dataset spec (``DatasetSpec.to_dict()``); default ``model.cnnpress_dataset``.
         provenance: Command, commit, accuracy...; default ``model.cnnpress_provenance``.
     """
     from cnnpress.models import arch_of
 
     float_bits = 16 if float16 else 32
-    entries = layout(model, float_bits, with_values=True)
+    entries = layout(model, float_bits, with_values=True, fold_batchnorm=fold_batchnorm)
     manifest = {
         "arch": arch_of(model),
         "method": getattr(model, "cnnpress_method", None),
         "float_bits": float_bits,
+        "fold_batchnorm": fold_batchnorm,
         "dataset": dataset if dataset is not None else getattr(model, "cnnpress_dataset", None),
         "provenance": provenance
         if provenance is not None
@@ -181,7 +194,8 @@ def load(path: str | Path) -> nn.Module:
     float_bits = manifest.get("float_bits", 32)
     if float_bits not in (16, 32):
         raise _fail(path, f"unsupported float width {float_bits}")
-    expected = layout(model, float_bits)
+    fold = bool(manifest.get("fold_batchnorm", False))
+    expected = layout(model, float_bits, fold_batchnorm=fold)
     _check_layout(path, manifest, expected, payload)
     by_module: dict[str, dict[str, Any]] = {}
     offset = 0
@@ -198,6 +212,9 @@ def load(path: str | Path) -> nn.Module:
             if method is not None:
                 method.unpack(module, arrays)
                 continue
+            if folds(module, fold):
+                load_folded_batchnorm(module, arrays)
+                continue
             with torch.no_grad():
                 for name, values in arrays.items():
                     getattr(module, name).copy_(torch.from_numpy(values))
@@ -213,7 +230,8 @@ def read_info(path: str | Path) -> FileInfo:
     path = Path(path)
     manifest, payload, header = _parse(path)
     model = _build(path, manifest)
-    expected = layout(model, manifest.get("float_bits", 32))
+    fold = bool(manifest.get("fold_batchnorm", False))
+    expected = layout(model, manifest.get("float_bits", 32), fold_batchnorm=fold)
     _check_layout(path, manifest, expected, payload)
     return FileInfo(
         manifest=manifest,

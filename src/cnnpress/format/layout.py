@@ -18,7 +18,7 @@ from torch import nn
 from cnnpress.format.bitpack import pack_bits, packed_size, unpack_bits
 from cnnpress.methods import method_for
 
-__all__ = ["Entry", "decode", "encode", "layout", "nbytes"]
+__all__ = ["Entry", "decode", "encode", "folds", "layout", "load_folded_batchnorm", "nbytes"]
 
 _SKIP = ("num_batches_tracked",)
 
@@ -67,8 +67,39 @@ def decode(data: bytes, encoding: str, shape: tuple[int, ...]) -> np.ndarray:
     return arr.reshape(shape)
 
 
-def layout(model: nn.Module, float_bits: int = 32, with_values: bool = False) -> list[Entry]:
-    """Every array ``model`` stores, in file order."""
+def _folded_batchnorm(bn: nn.modules.batchnorm._BatchNorm) -> list[tuple[str, torch.Tensor]]:
+    """Inference BatchNorm as one affine map per channel: y = scale * x + shift."""
+    scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+    return [("scale", scale), ("shift", bn.bias.detach() - bn.running_mean * scale)]
+
+
+def load_folded_batchnorm(bn: nn.modules.batchnorm._BatchNorm, arrays: dict[str, Any]) -> None:
+    """Set an eval-mode BatchNorm to compute ``scale * x + shift`` (mean 0, var 1 - eps)."""
+    with torch.no_grad():
+        bn.weight.copy_(torch.from_numpy(arrays["scale"]))
+        bn.bias.copy_(torch.from_numpy(arrays["shift"]))
+        bn.running_mean.zero_()
+        bn.running_var.fill_(1.0 - bn.eps)
+
+
+def folds(module: nn.Module, fold_batchnorm: bool) -> bool:
+    """Whether ``module`` is a BatchNorm stored folded (affine, with running statistics)."""
+    return (
+        fold_batchnorm
+        and isinstance(module, nn.modules.batchnorm._BatchNorm)
+        and module.affine
+        and module.track_running_stats
+    )
+
+
+def layout(
+    model: nn.Module, float_bits: int = 32, with_values: bool = False, fold_batchnorm: bool = False
+) -> list[Entry]:
+    """Every array ``model`` stores, in file order.
+
+    With ``fold_batchnorm`` each affine BatchNorm stores two values per channel (the
+    inference scale and shift) instead of four (weight, bias, running mean and variance).
+    """
     enc = "f2" if float_bits == 16 else "f4"
     entries: list[Entry] = []
     for mod_name, module in model.named_modules():
@@ -82,8 +113,11 @@ def layout(model: nn.Module, float_bits: int = 32, with_values: bool = False) ->
             continue
         if any(method_for(parent) is not None for parent in _parents(model, mod_name)):
             continue
-        tensors = list(module.named_parameters(recurse=False))
-        tensors += [(n, b) for n, b in module.named_buffers(recurse=False) if n not in _SKIP]
+        if folds(module, fold_batchnorm):
+            tensors = _folded_batchnorm(module)
+        else:
+            tensors = list(module.named_parameters(recurse=False))
+            tensors += [(n, b) for n, b in module.named_buffers(recurse=False) if n not in _SKIP]
         for name, tensor in tensors:
             if not torch.is_floating_point(tensor):
                 continue
