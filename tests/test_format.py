@@ -252,3 +252,38 @@ def test_folded_batchnorm_is_smaller_same_function_and_costed(tmp_path, float16)
     s = cnnpress.summary(net, (1, 28, 28), float_bits=16 if float16 else 32, fold_batchnorm=True)
     info = read_info(tmp_path / "folded.cnnp")
     assert 0 <= info["payload_bytes"] * 8 - s.totals["stored_bits"] < 8 * len(info["arrays"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.integers(1, 10), data=st.data())
+def test_huffman_round_trip(bits, data):
+    from cnnpress.format.entropy import huffman_decode, huffman_encode, huffman_size
+
+    alphabet = 1 << bits
+    values = np.array(data.draw(st.lists(st.integers(0, alphabet - 1), min_size=1,
+                                         max_size=400)), dtype=np.int64)
+    coded = huffman_encode(values, alphabet)
+    assert len(coded) == huffman_size(values, alphabet)
+    np.testing.assert_array_equal(huffman_decode(coded, alphabet, len(values)), values)
+
+
+def test_entropy_coded_selections_are_smaller_and_decode_exactly(tmp_path):
+    net = slbf_resnet()
+    gen = torch.Generator().manual_seed(0)
+    for m in net.modules():  # uneven bank use, as after clustering trained filters
+        if isinstance(m, cnnpress.methods.slbf.SLBFConv2d):
+            probs = 1.0 / torch.arange(1, m.num_filters + 1, dtype=torch.float) ** 1.5
+            idx = torch.multinomial(probs, m.out_channels * m.num_slices, True, generator=gen)
+            m.load_selection(idx.view(m.out_channels, m.num_slices), m.bank())
+    plain = save(net, tmp_path / "plain.cnnp")
+    coded = save(net, tmp_path / "coded.cnnp", entropy=True)
+    assert coded < plain
+    info = read_info(tmp_path / "coded.cnnp")
+    huff = [a for a in info["arrays"] if a["encoding"].startswith("h")]
+    assert huff and all(a["bytes"] < a["packed_bytes"] for a in huff)
+    assert plain - coded == sum(a["packed_bytes"] - a["bytes"] for a in huff) + (
+        read_info(tmp_path / "plain.cnnp")["header_bytes"] - info["header_bytes"]
+    )
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(load(tmp_path / "coded.cnnp")(x), net(x), rtol=0, atol=0)

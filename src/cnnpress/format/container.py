@@ -18,6 +18,7 @@ the array layout from it and refuses a manifest that disagrees with it. Every pr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 import zlib
@@ -32,6 +33,7 @@ from cnnpress.format.layout import (
     Entry,
     decode,
     encode,
+    entropy_code,
     folds,
     layout,
     load_folded_batchnorm,
@@ -67,6 +69,7 @@ def save(
     *,
     float16: bool = False,
     fold_batchnorm: bool = False,
+    entropy: bool = False,
     dataset: dict[str, Any] | None = None,
     provenance: dict[str, Any] | None = None,
 ) -> int:
@@ -80,6 +83,8 @@ def save(
         fold_batchnorm: Store each BatchNorm as its inference scale and shift (2 values per
             channel instead of 4). The loaded model computes the same function in eval mode;
             its BatchNorm statistics are gone, so it is for inference, not further training.
+        entropy: Huffman-code the packed integer streams of 2+ bits (SLBF selections,
+            cluster indices) wherever that is smaller; the manifest records each coded size.
         dataset: Dataset spec (``DatasetSpec.to_dict()``); default ``model.cnnpress_dataset``.
         provenance: Command, commit, accuracy...; default ``model.cnnpress_provenance``.
     """
@@ -87,6 +92,8 @@ def save(
 
     float_bits = 16 if float16 else 32
     entries = layout(model, float_bits, with_values=True, fold_batchnorm=fold_batchnorm)
+    if entropy:
+        entries = entropy_code(entries)
     manifest = {
         "arch": arch_of(model),
         "method": getattr(model, "cnnpress_method", None),
@@ -96,7 +103,9 @@ def save(
         "provenance": provenance
         if provenance is not None
         else getattr(model, "cnnpress_provenance", None),
-        "arrays": [[e.encoding, list(e.shape)] for e in entries],
+        "arrays": [
+            [e.encoding, list(e.shape)] + ([e.size] if e.size is not None else []) for e in entries
+        ],
     }
     data = _assemble(manifest, b"".join(encode(e) for e in entries))
     atomic_write_bytes(path, data)
@@ -163,21 +172,36 @@ def _build(path: Path, manifest: dict[str, Any]) -> nn.Module:
 
 def _check_layout(
     path: Path, manifest: dict[str, Any], expected: list[Entry], payload: bytes
-) -> None:
+) -> list[Entry]:
+    """The arrays as stored: the model's layout, with the manifest's entropy-coded sizes."""
     listed = manifest.get("arrays")
     if not isinstance(listed, list) or len(listed) != len(expected):
         count = len(listed) if isinstance(listed, list) else "no"
         raise _fail(path, f"manifest lists {count} arrays, the model needs {len(expected)}")
+    stored = []
     for i, (item, want) in enumerate(zip(listed, expected, strict=True)):
-        if item != [want.encoding, list(want.shape)]:
+        coded = (
+            isinstance(item, list)
+            and len(item) == 3
+            and want.encoding.startswith("u")
+            and item[:2] == ["h" + want.encoding[1:], list(want.shape)]
+            and isinstance(item[2], int)
+            and item[2] >= 0
+        )
+        if coded:
+            stored.append(dataclasses.replace(want, encoding=item[0], size=item[2]))
+        elif item == [want.encoding, list(want.shape)]:
+            stored.append(want)
+        else:
             raise _fail(
                 path,
                 f"array {i} ({want.key}) is listed as {item}, the model needs "
                 f"{[want.encoding, list(want.shape)]}",
             )
-    size = sum(nbytes(e.encoding, e.shape) for e in expected)
+    size = sum(e.nbytes for e in stored)
     if size != len(payload):
         raise _fail(path, f"payload holds {len(payload)} bytes, the manifest needs {size}")
+    return stored
 
 
 def load(path: str | Path) -> nn.Module:
@@ -196,15 +220,17 @@ def load(path: str | Path) -> nn.Module:
         raise _fail(path, f"unsupported float width {float_bits}")
     fold = bool(manifest.get("fold_batchnorm", False))
     expected = layout(model, float_bits, fold_batchnorm=fold)
-    _check_layout(path, manifest, expected, payload)
+    stored = _check_layout(path, manifest, expected, payload)
     by_module: dict[str, dict[str, Any]] = {}
     offset = 0
-    for e in expected:
-        size = nbytes(e.encoding, e.shape)
-        by_module.setdefault(e.module, {})[e.name] = decode(
-            payload[offset : offset + size], e.encoding, e.shape
-        )
-        offset += size
+    try:
+        for e in stored:
+            by_module.setdefault(e.module, {})[e.name] = decode(
+                payload[offset : offset + e.nbytes], e.encoding, e.shape
+            )
+            offset += e.nbytes
+    except ValueError as err:
+        raise _fail(path, f"damaged array data ({err})") from None
     try:
         for mod_name, arrays in by_module.items():
             module = model.get_submodule(mod_name) if mod_name else model
@@ -232,7 +258,7 @@ def read_info(path: str | Path) -> FileInfo:
     model = _build(path, manifest)
     fold = bool(manifest.get("fold_batchnorm", False))
     expected = layout(model, manifest.get("float_bits", 32), fold_batchnorm=fold)
-    _check_layout(path, manifest, expected, payload)
+    stored = _check_layout(path, manifest, expected, payload)
     return FileInfo(
         manifest=manifest,
         header_bytes=header,
@@ -245,8 +271,11 @@ def read_info(path: str | Path) -> FileInfo:
                 "module": e.module,
                 "encoding": e.encoding,
                 "shape": list(e.shape),
-                "bytes": nbytes(e.encoding, e.shape),
+                "bytes": e.nbytes,
+                "packed_bytes": nbytes("u" + e.encoding[1:], e.shape)
+                if e.encoding.startswith("h")
+                else e.nbytes,
             }
-            for e in expected
+            for e in stored
         ],
     )

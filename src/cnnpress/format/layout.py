@@ -8,6 +8,7 @@ so the file needs no tensor names: the loader rebuilds the model and derives the
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,9 +17,19 @@ import torch
 from torch import nn
 
 from cnnpress.format.bitpack import pack_bits, packed_size, unpack_bits
+from cnnpress.format.entropy import huffman_decode, huffman_encode, huffman_size
 from cnnpress.methods import method_for
 
-__all__ = ["Entry", "decode", "encode", "folds", "layout", "load_folded_batchnorm", "nbytes"]
+__all__ = [
+    "Entry",
+    "decode",
+    "encode",
+    "entropy_code",
+    "folds",
+    "layout",
+    "load_folded_batchnorm",
+    "nbytes",
+]
 
 _SKIP = ("num_batches_tracked",)
 
@@ -32,6 +43,12 @@ class Entry:
     encoding: str
     shape: tuple[int, ...]
     values: Any = None
+    size: int | None = None  # bytes, for entropy-coded arrays ("hB") whose size is data's
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this array takes in the file."""
+        return self.size if self.size is not None else nbytes(self.encoding, self.shape)
 
     @property
     def key(self) -> str:
@@ -39,7 +56,10 @@ class Entry:
 
 
 def nbytes(encoding: str, shape: tuple[int, ...]) -> int:
-    """Bytes an array of ``shape`` takes in ``encoding`` (bit-packed ones rounded up)."""
+    """Bytes an array of ``shape`` takes in ``encoding`` (bit-packed ones rounded up).
+
+    Entropy-coded arrays (``"hB"``) have a data-dependent size: see ``Entry.nbytes``.
+    """
     count = int(np.prod(shape, dtype=np.int64))
     if encoding == "f4":
         return 4 * count
@@ -54,6 +74,8 @@ def encode(entry: Entry) -> bytes:
         return np.ascontiguousarray(entry.values, dtype="<f4").tobytes()
     if entry.encoding == "f2":
         return np.ascontiguousarray(entry.values, dtype="<f2").tobytes()
+    if entry.encoding.startswith("h"):
+        return huffman_encode(np.asarray(entry.values), 1 << int(entry.encoding[1:]))
     return pack_bits(np.asarray(entry.values), int(entry.encoding[1:]))
 
 
@@ -62,9 +84,24 @@ def decode(data: bytes, encoding: str, shape: tuple[int, ...]) -> np.ndarray:
     count = int(np.prod(shape, dtype=np.int64))
     if encoding in ("f4", "f2"):
         arr = np.frombuffer(data, dtype="<" + encoding, count=count).astype(np.float32)
+    elif encoding.startswith("h"):
+        arr = huffman_decode(data, 1 << int(encoding[1:]), count)
     else:
         arr = unpack_bits(data, int(encoding[1:]), count)
     return arr.reshape(shape)
+
+
+def entropy_code(entries: list[Entry]) -> list[Entry]:
+    """Huffman-code every packed integer stream of 2+ bits where that makes it smaller."""
+    out = []
+    for e in entries:
+        if e.encoding.startswith("u") and int(e.encoding[1:]) >= 2 and e.values is not None:
+            bits = int(e.encoding[1:])
+            size = huffman_size(np.asarray(e.values), 1 << bits)
+            if size < nbytes(e.encoding, e.shape):
+                e = dataclasses.replace(e, encoding=f"h{bits}", size=size)
+        out.append(e)
+    return out
 
 
 def _folded_batchnorm(bn: nn.modules.batchnorm._BatchNorm) -> list[tuple[str, torch.Tensor]]:
