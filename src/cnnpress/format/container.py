@@ -91,6 +91,11 @@ def save(
     from cnnpress.models import arch_of
 
     float_bits = 16 if float16 else 32
+    recorded = getattr(model, "cnnpress_method", None)
+    if recorded:
+        from cnnpress.methods import get as get_method
+
+        get_method(recorded["name"])().sync(model)
     entries = layout(model, float_bits, with_values=True, fold_batchnorm=fold_batchnorm)
     if entropy:
         entries = entropy_code(entries)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from cnnpress.methods import binary, lowrank, pq, slbf  # noqa: F401  (register the methods)
+from cnnpress.methods import binary, kmeans, lowrank, pq, prune, slbf  # noqa: F401  (register them)
 from cnnpress.methods.base import METHODS, LayerCost, Method, MethodConfig
 
 __all__ = ["LayerCost", "Method", "MethodConfig", "get", "method_for", "names"]

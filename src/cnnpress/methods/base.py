@@ -189,6 +189,13 @@ class Method:
     def on_epoch_end(self, model: nn.Module, epoch: int, epochs: int) -> None:
         """Called after each training epoch (schedules). Default: nothing."""
 
+    def sync(self, model: nn.Module) -> None:
+        """Bring ``model.cnnpress_method``'s config in line with the layers' current state.
+
+        Called before a file or checkpoint records the config (for example a pruning mask
+        that changed during training changes the stored layout). Default: nothing.
+        """
+
     def regulariser(self, model: nn.Module) -> Any | None:
         """A term added to the training loss each step (a scalar tensor), or ``None``."""
         return None
