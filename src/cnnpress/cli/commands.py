@@ -22,9 +22,16 @@ from cnnpress.errors import CnnpressError, ConfigError
 from cnnpress.methods import get as get_method
 from cnnpress.provenance import provenance
 from cnnpress.train.atomic import atomic_write_text
-from cnnpress.train.checkpoint import load_model
+from cnnpress.train.checkpoint import check_checkpoint, load_model
 from cnnpress.train.config import TrainConfig
-from cnnpress.train.loop import evaluate, fit
+from cnnpress.train.distributed import (
+    DistContext,
+    broadcast_bytes,
+    init_distributed,
+    run_on_main,
+    shutdown,
+)
+from cnnpress.train.loop import PLAIN, evaluate, fit
 
 __all__ = [
     "cmd_compress",
@@ -46,6 +53,12 @@ def _read_recipe(path: str) -> dict[str, Any]:
             recipe = yaml.safe_load(f) or {}
     except FileNotFoundError:
         raise CnnpressError(f"recipe {path} not found") from None
+    except IsADirectoryError:
+        raise CnnpressError(f"recipe {path} is a folder; pass a YAML file") from None
+    except OSError as err:
+        raise CnnpressError(f"cannot read recipe {path}: {err.strerror or err}") from None
+    except UnicodeDecodeError:
+        raise CnnpressError(f"recipe {path} is not a text (YAML) file") from None
     except yaml.YAMLError as err:
         raise CnnpressError(
             f"recipe {path} is not valid YAML: {str(err).splitlines()[0]}"
@@ -120,31 +133,174 @@ def resolve_config(args: argparse.Namespace, with_method: bool) -> dict[str, Any
 def _set_threads(threads: int | None) -> None:
     if threads is not None and threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {threads}")
-    torch.set_num_threads(threads or os.cpu_count() or 1)
+    local = os.environ.get("LOCAL_WORLD_SIZE", "1")  # torchrun: processes share the cores
+    per_process = (os.cpu_count() or 1) // (int(local) if local.isdigit() and local != "0" else 1)
+    torch.set_num_threads(threads or max(1, per_process))
 
 
-def _loaders(cfg: dict[str, Any], train: TrainConfig) -> tuple[Loader, Loader, DatasetSpec]:
+def _loaders(
+    cfg: dict[str, Any], train: TrainConfig, ctx: DistContext
+) -> tuple[Loader, Loader, DatasetSpec]:
+    if train.batch_size % ctx.world_size:
+        raise ConfigError(
+            f"--batch-size {train.batch_size} must be a multiple of the {ctx.world_size} "
+            f"processes (each takes batch-size / {ctx.world_size} samples of every step)"
+        )
     options = dict(cfg.get("data_options") or {})
     train_set = load_dataset(cfg["data"], "train", cfg.get("data_dir"), **options)
     test_set = load_dataset(cfg["data"], "test", cfg.get("data_dir"), **options)
+    per_rank = train.batch_size // ctx.world_size
     return (
-        Loader(train_set, train.batch_size, train=True, seed=train.seed),
+        Loader(train_set, per_rank, True, train.seed, rank=ctx.rank, world_size=ctx.world_size),
         Loader(test_set, 256, train=False),
         train_set.spec,
     )
 
 
+#: Flags that may change when a run is resumed (the new values go into its config.yaml).
+_RESUME_OVERRIDES = ("epochs", "lr", "weight_decay", "bn_recalibrate")
+#: Flags that cannot: (flag, where its value lives in config.yaml).
+_RESUME_FIXED = (
+    ("model", ("model",)),
+    ("data", ("data",)),
+    ("batch_size", ("train", "batch_size")),
+    ("optimizer", ("train", "optimizer")),
+    ("seed", ("train", "seed")),
+    ("method", ("method",)),
+    ("init", ("init",)),
+    ("slice_channels", ("method_config", "slice_channels")),
+    ("num_filters", ("method_config", "num_filters")),
+    ("teacher", ("distill", "teacher")),
+    ("kd_temperature", ("distill", "temperature")),
+    ("kd_alpha", ("distill", "alpha")),
+)
+
+
+def _read_run(out: Path) -> bytes:
+    """Rank 0: the run's config.yaml (checked) and whether it has a checkpoint, as JSON."""
+    if not out.is_dir():
+        raise CnnpressError(f"cannot resume: {out} does not exist; start the run without --resume")
+    path = out / "config.yaml"
+    if not path.is_file():
+        raise CnnpressError(
+            f"cannot resume: {out} holds no cnnpress run (no config.yaml); "
+            "start a new run there without --resume"
+        )
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CnnpressError(f"cannot resume: {path} is corrupt ({first})") from None
+    missing = [k for k in ("model", "data", "train") if not isinstance(cfg, dict) or k not in cfg]
+    if missing:
+        raise CnnpressError(f"cannot resume: {path} lacks {', '.join(missing)}; is it a run?")
+    has_ckpt = (out / "checkpoint.safetensors").is_file()
+    return json.dumps({"config": cfg, "checkpoint": has_ckpt}).encode()
+
+
+def _resume_config(
+    args: argparse.Namespace, ctx: DistContext, err: Console
+) -> tuple[dict[str, Any], bool, bool]:
+    """The settings of the run in ``--out`` with the flags that may change applied, whether
+    it has a checkpoint, and whether the settings changed."""
+    if args.out is None:
+        raise CnnpressError("--resume needs --out RUN, the folder of the run to continue")
+    if args.recipe:
+        raise CnnpressError(
+            f"--recipe cannot be used with --resume; the run's settings are in "
+            f"{Path(args.out) / 'config.yaml'}"
+        )
+    out = Path(args.out)
+    state = json.loads(broadcast_bytes(lambda: _read_run(out), ctx, f"reading {out}"))
+    cfg = state["config"]
+    for flag, where in _RESUME_FIXED:
+        given = getattr(args, flag, None)
+        have: Any = cfg
+        for key in where:
+            have = have.get(key) if isinstance(have, dict) else None
+        if given is not None and given != have:
+            name = "--" + flag.replace("_", "-")
+            raise CnnpressError(
+                f"{name} {given} differs from the run's {have!r} and cannot change on --resume; "
+                "drop it, or start a new run with another --out"
+            )
+    cfg["out"] = str(out)
+    if args.data_dir is not None:
+        cfg["data_dir"] = args.data_dir
+    changed = {
+        k: getattr(args, k)
+        for k in _RESUME_OVERRIDES
+        if getattr(args, k, None) is not None and getattr(args, k) != cfg["train"].get(k)
+    }
+    if changed:
+        cfg["train"] = TrainConfig.from_dict({**cfg["train"], **changed}).to_dict()
+        err.print("resuming with " + ", ".join(f"{k}={v}" for k, v in changed.items()), **PLAIN)
+    if not state["checkpoint"]:
+        err.print(f"{out} has no checkpoint yet; starting it from epoch 1", **PLAIN)
+    return cfg, state["checkpoint"], bool(changed)
+
+
+def _new_run(run_dir: Path, cfg: dict[str, Any]) -> None:
+    """Rank 0: refuse to overwrite a run, then write its config.yaml."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CnnpressError(f"--out {run_dir} is a file; choose a folder")
+    if (run_dir / "checkpoint.safetensors").exists():
+        raise CnnpressError(
+            f"{run_dir} already holds a run; continue it with --resume or choose another --out"
+        )
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+
+
+def _save_changed(run_dir: Path, cfg: dict[str, Any], model: Any, has_ckpt: bool) -> None:
+    """Rank 0, on --resume with new settings: check the checkpoint fits, then save them."""
+    if has_ckpt:
+        check_checkpoint(run_dir / "checkpoint.safetensors", model)
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+
+
+def _check_init(init: str, model: torch.nn.Module) -> torch.nn.Module:
+    trained, meta = load_model(init)
+    want = models.arch_of(model)
+    if meta["arch"] != want:
+
+        def show(arch: dict[str, Any]) -> str:
+            rest = ", ".join(f"{k}={v}" for k, v in arch.items() if k != "name")
+            return f"{arch.get('name')}({rest})"
+
+        raise CnnpressError(
+            f"--init {init} holds a {show(meta['arch'])}, but this run builds a {show(want)}; "
+            "pass the --model, model_args and --data it was trained with, or another --init"
+        )
+    if meta.get("method"):
+        raise CnnpressError(
+            f"--init {init} is already compressed with {meta['method']['name']}; --init takes "
+            "a full-precision model (a `cnnpress train` run); continue a run with --resume"
+        )
+    return trained.train()
+
+
 def _run(args: argparse.Namespace, console: Console, err: Console, with_method: bool) -> dict:
     _set_threads(args.threads)
-    out = Path(args.out) if args.out else None
+    ctx = init_distributed()
+    try:
+        return _train_run(args, console, err if ctx.is_main else _QUIET, with_method, ctx)
+    finally:
+        shutdown(ctx)
+
+
+_QUIET = Console(stderr=True, quiet=True)
+
+
+def _train_run(
+    args: argparse.Namespace, console: Console, err: Console, with_method: bool, ctx: DistContext
+) -> dict | None:
+    resume = changed = False
     if args.resume:
-        if out is None or not (out / "config.yaml").is_file():
-            raise CnnpressError("--resume needs --out pointing at an existing run folder")
-        cfg = yaml.safe_load((out / "config.yaml").read_text())
+        cfg, resume, changed = _resume_config(args, ctx, err)
     else:
         cfg = resolve_config(args, with_method)
     train_cfg = TrainConfig.from_dict(cfg["train"])
-    train_loader, test_loader, spec = _loaders(cfg, train_cfg)
+    train_loader, test_loader, spec = _loaders(cfg, train_cfg, ctx)
     torch.manual_seed(train_cfg.seed)
     model = models.create(
         cfg["model"],
@@ -152,25 +308,15 @@ def _run(args: argparse.Namespace, console: Console, err: Console, with_method: 
         num_classes=spec.num_classes,
         **(cfg.get("model_args") or {}),
     )
-    if cfg.get("init"):
-        trained, meta = load_model(cfg["init"])
-        if meta["arch"] != models.arch_of(model):
-            raise CnnpressError(
-                f"--init {cfg['init']} holds a {meta['arch']['name']} for "
-                f"{meta['arch']['in_channels']}-channel input and {meta['arch']['num_classes']} "
-                f"classes, not the {cfg['model']} of this run"
-            )
-        model = trained.train()
+    if cfg.get("init") and not resume:  # a checkpoint replaces the weights anyway
+        model = _check_init(cfg["init"], model)
     if cfg.get("method"):
         model = compress(model, cfg["method"], **cfg["method_config"])
     run_dir = Path(cfg["out"])
-    run_dir.mkdir(parents=True, exist_ok=True)
     if not args.resume:
-        if (run_dir / "checkpoint.safetensors").exists():
-            raise CnnpressError(
-                f"{run_dir} already holds a run; continue it with --resume or choose another --out"
-            )
-        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+        run_on_main(lambda: _new_run(run_dir, cfg), ctx, f"creating {run_dir}")
+    elif changed:  # keep the new settings, once the checkpoint is known to fit
+        run_on_main(lambda: _save_changed(run_dir, cfg, model, resume), ctx, "saving config")
     prov = provenance()
     meta = {"dataset": spec.to_dict(), "provenance": prov}
     loss_fn = None
@@ -179,7 +325,7 @@ def _run(args: argparse.Namespace, console: Console, err: Console, with_method: 
 
         kd = cfg["distill"]
         teacher, _ = load_model(kd["teacher"])
-        loss_fn = make_kd_loss(teacher, kd["temperature"], kd["alpha"])
+        loss_fn = make_kd_loss(teacher.to(ctx.device), kd["temperature"], kd["alpha"])
     method = get_method(cfg["method"])() if cfg.get("method") else None
     start = time.perf_counter()
     result = fit(
@@ -188,12 +334,15 @@ def _run(args: argparse.Namespace, console: Console, err: Console, with_method: 
         test_loader,
         train_cfg,
         run_dir,
-        resume=args.resume,
+        resume=resume,
         console=err,
         extra_meta=meta,
         loss_fn=loss_fn,
         method=method,
+        dist=ctx,
     )
+    if not ctx.is_main:
+        return None
     totals = summary(model, (spec.in_channels, *spec.image_size)).totals
     record = {
         **prov,
@@ -204,6 +353,7 @@ def _run(args: argparse.Namespace, console: Console, err: Console, with_method: 
         "init": cfg.get("init"),
         "distill": cfg.get("distill"),
         "train": cfg["train"],
+        "world_size": ctx.world_size,
         "test_accuracy": result["test_accuracy"],
         "epochs": result["epochs"],
         "train_seconds": result["train_seconds"],

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
+from pathlib import Path
+from typing import NoReturn
 
 from rich.console import Console
 
 from cnnpress.errors import CnnpressError
+from cnnpress.train.distributed import note_rank
 
 __all__ = ["build_parser", "main"]
 
@@ -31,9 +35,16 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors as the one line every user error gets."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"cnnpress: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="cnnpress", description="Compress convolutional networks (SLBF and classic methods)."
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -83,25 +94,75 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: OS errors a user can cause (and fix), with what they mean and what to do.
+_OS_ERRORS: dict[int, tuple[str, str]] = {
+    errno.ENOSPC: ("the disk is full", "free some space"),
+    errno.EDQUOT: ("the disk quota is used up", "free some space"),
+    errno.EACCES: ("permission denied", "fix the permissions or choose another path"),
+    errno.EPERM: ("operation not permitted", "fix the permissions or choose another path"),
+    errno.EROFS: ("the file system is read-only", "make it writable or use another path"),
+    errno.ENOENT: ("no such file or folder", "check the path"),
+    errno.ENOTDIR: ("a part of the path is not a folder", "check the path"),
+    errno.EISDIR: ("it is a folder, not a file", "check the path"),
+    errno.EEXIST: ("it already exists", "choose another path"),
+    errno.ENAMETOOLONG: ("the name is too long", "choose a shorter path"),
+    errno.EIO: ("input/output error (a failing disk or network share?)", "check the storage"),
+}
+
+
+def _os_message(exc: OSError, args: argparse.Namespace) -> str | None:
+    """One line for an OS error a user can fix, or ``None`` for any other (a real bug)."""
+    if exc.errno not in _OS_ERRORS:
+        return None
+    reason, advice = _OS_ERRORS[exc.errno]
+    where = f": {exc.filename}" if exc.filename else ""
+    line = f"{reason}{where}; {advice}"
+    out = getattr(args, "out", None)
+    if args.command in ("train", "compress") and out and Path(out, "config.yaml").is_file():
+        line += f", then continue with --resume --out {out} (the files already there are intact)"
+    elif args.command in ("train", "compress"):
+        line += " and run again"
+    return line
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; user errors print one line and return exit code 2."""
+    """Run the command line; user errors print one line and return exit code 2.
+
+    A user error is a :class:`~cnnpress.errors.CnnpressError` or an OS error a user can fix
+    (full disk, permissions, read-only file system, missing path); anything else is a bug
+    and keeps its traceback.
+    """
     from cnnpress.cli import commands
 
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error already printed as one line
+        return exc.code if isinstance(exc.code, int) else 2
     console = Console() if sys.stdout.isatty() else Console(width=200)
     err = Console(stderr=True)
     try:
         result = getattr(commands, f"cmd_{args.command}")(args, console, err)
-    except (CnnpressError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+    except CnnpressError as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"cnnpress: error: {message}", file=sys.stderr)
-        return 2
+        return _fail(message)
+    except OSError as exc:
+        message = _os_message(exc, args)
+        if message is None:
+            raise
+        return _fail(message)
     except KeyboardInterrupt:
-        print("cnnpress: interrupted; resume with --resume", file=sys.stderr)
+        out = getattr(args, "out", None)
+        hint = f"; continue with --resume --out {out}" if out and args.command != "predict" else ""
+        print(note_rank(f"cnnpress: interrupted{hint}"), file=sys.stderr)
         return 130
     if getattr(args, "json", False) and result is not None:
         print(json.dumps(result, indent=2, default=str))
     return 0
+
+
+def _fail(message: str) -> int:
+    print(f"cnnpress: error: {note_rank(message)}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from cnnpress.train.atomic import atomic_write_bytes
 __all__ = [
     "CheckpointError",
     "build_model",
+    "check_checkpoint",
     "load_checkpoint",
     "load_model",
     "model_meta",
@@ -62,6 +63,18 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
 
 
+def _meta_of(raw: str | None, path: Path) -> dict[str, Any]:
+    if raw is None:
+        raise CheckpointError(f"{path}: no cnnpress metadata; was it written by cnnpress?")
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        raise CheckpointError(f"{path}: corrupt cnnpress metadata") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: corrupt cnnpress metadata")
+    return meta
+
+
 def read_meta(path: str | Path) -> dict[str, Any]:
     """The cnnpress metadata of a safetensors file."""
     path = Path(path)
@@ -72,16 +85,67 @@ def read_meta(path: str | Path) -> dict[str, Any]:
             raw = (f.metadata() or {}).get(_KEY)
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
-    if raw is None:
-        raise CheckpointError(f"{path}: no cnnpress metadata; was it written by cnnpress?")
-    return json.loads(raw)
+    return _meta_of(raw, path)
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+def _meta_from_bytes(data: bytes, path: Path) -> dict[str, Any]:
+    """The cnnpress metadata from a safetensors file's bytes (its JSON header)."""
     try:
-        return st_load(path.read_bytes())
+        size = int.from_bytes(data[:8], "little")
+        if len(data) < 8 or size > len(data) - 8:
+            raise ValueError("truncated header")
+        header = json.loads(data[8 : 8 + size])
+        raw = (header.get("__metadata__") or {}).get(_KEY)
+    except (ValueError, AttributeError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+    return _meta_of(raw, path)
+
+
+def _read_tensors(path: Path, data: bytes | None = None) -> dict[str, torch.Tensor]:
+    try:
+        return st_load(path.read_bytes() if data is None else data)
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{path}: corrupt safetensors data ({err})") from None
+
+
+def _describe(meta: dict[str, Any], other: dict[str, Any]) -> str:
+    """``meta``'s model in words; method settings shown where they differ from ``other``'s."""
+    arch = dict(meta.get("arch") or {})
+    name = arch.pop("name", "?")
+    text = f"{name}({', '.join(f'{k}={v}' for k, v in arch.items())})"
+    method, theirs = meta.get("method"), other.get("method")
+    if not method:
+        return text
+    text += f" compressed with {method['name']}"
+    if theirs and theirs.get("name") == method["name"]:
+        mine, yours = method.get("config") or {}, theirs.get("config") or {}
+        diff = [
+            f"{k}={mine.get(k)}"
+            for k in sorted(mine.keys() | yours.keys())
+            if mine.get(k) != yours.get(k)
+        ]
+        text += f" ({', '.join(diff)})" if diff else ""
+    return text
+
+
+def _check_fits(meta: dict[str, Any], model: nn.Module, path: Path) -> None:
+    own = json.loads(json.dumps(model_meta(model), default=str))  # as stored: lists, not tuples
+    if "arch" in meta and (meta["arch"] != own["arch"] or meta.get("method") != own["method"]):
+        raise CheckpointError(
+            f"{path} does not fit this model: it holds a {_describe(meta, own)}, but this run "
+            f"builds a {_describe(own, meta)}; resume with the settings it was trained with"
+        )
+
+
+def check_checkpoint(path: str | Path, model: nn.Module) -> dict[str, Any]:
+    """The metadata of training checkpoint ``path`` if it was saved from a model like ``model``.
+
+    Reads only the file's header. Raises :class:`CheckpointError` otherwise.
+    """
+    path = Path(path)
+    meta = read_meta(path)
+    _check_fits(meta, model, path)
+    return meta
 
 
 def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
@@ -159,12 +223,28 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer
+    path: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: bytes | None = None,
 ) -> dict[str, Any]:
-    """Restore weights, optimiser and RNG from ``path``; returns its metadata."""
+    """Restore weights, optimiser and RNG from ``path``; returns its metadata.
+
+    Args:
+        path: The checkpoint (named in errors).
+        model: A freshly built model of the run's architecture and method.
+        optimizer: Its optimiser, built as the run builds it.
+        data: The file's bytes when already read (distributed runs broadcast them).
+
+    Raises:
+        CheckpointError: The file is unreadable or belongs to another model or optimiser.
+    """
     path = Path(path)
-    meta = read_meta(path)
-    tensors = _read_tensors(path)
+    meta = read_meta(path) if data is None else _meta_from_bytes(data, path)
+    if "epoch" not in meta or "optim_scalars" not in meta or "param_groups" not in meta:
+        raise CheckpointError(f"{path}: not a training checkpoint (no epoch or optimiser state)")
+    _check_fits(meta, model, path)
+    tensors = _read_tensors(path, data)
     _load_state(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, path)
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
@@ -177,5 +257,7 @@ def load_checkpoint(
         optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     except (ValueError, KeyError) as err:
         raise CheckpointError(f"{path}: optimiser state does not fit ({err})") from None
+    if "rng.torch" not in tensors:
+        raise CheckpointError(f"{path}: no RNG state; it cannot resume the run exactly")
     torch.set_rng_state(tensors["rng.torch"])
     return meta
