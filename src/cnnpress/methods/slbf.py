@@ -50,7 +50,7 @@ from cnnpress.quantizers import binary_sign, one_hot_argmax_ste, sign_ste
 __all__ = ["SLBF", "SLBFConfig", "SLBFConv2d", "SLBFLinear", "index_bits"]
 
 MAX_FILTERS = 2**16
-PATHS = ("auto", "dense", "stm")
+PATHS = ("auto", "dense", "stm", "kernel")
 
 
 def index_bits(num_filters: int) -> int:
@@ -246,6 +246,12 @@ class SLBFConv2d(_SLBFBase):
         return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # -- fast inference (cnnpress.runtime.kernel): eval mode, path "auto" or "kernel" --
+        if not self.training and self.path in ("auto", "kernel"):
+            from cnnpress.runtime import kernel
+
+            return kernel.forward(self, x)
+        # -- end of fast inference --
         if self.path == "stm":
             return self.forward_stm(x)
         return self.forward_dense(x)
