@@ -25,7 +25,6 @@ from cnnpress.methods.sparse import (
     encode_positions,
     placeholder_mask,
     position_bits,
-    sync_layout,
 )
 from cnnpress.runtime.dense import to_dense
 
@@ -162,15 +161,15 @@ def test_cubic_schedule_reaches_the_target_at_prune_epochs(tmp_path):
         assert rel_err(net(x), cnnpress.load(path)(x)) <= 1e-5
 
 
-def test_a_stale_layout_is_refused_until_synced(tmp_path):
+def test_a_stale_layout_is_refused_by_pack_and_synced_by_save(tmp_path):
     net = cnnpress.compress(resnet(), "magnitude_prune", sparsity=0.5).eval()
     layer = masked_layers(net)["layer1.0.conv1"]
     with torch.no_grad():
         layer.mask.view(-1)[:40] = False
+    method = cnnpress.methods.get("magnitude_prune")()
     with pytest.raises(ConfigError, match="sync_layout"):
-        cnnpress.save(net, tmp_path / "m.cnnp")
-    sync_layout(net)
-    cnnpress.save(net, tmp_path / "m.cnnp")
+        method.pack(layer)
+    cnnpress.save(net, tmp_path / "m.cnnp")  # save calls Method.sync first
     x = torch.randn(2, 1, 28, 28)
     with torch.no_grad():
         assert rel_err(net(x), cnnpress.load(tmp_path / "m.cnnp")(x)) <= 1e-5

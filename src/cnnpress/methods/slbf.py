@@ -303,11 +303,28 @@ class SLBFConfig(MethodConfig):
         slice_channels: Slice width ``d`` (must divide each compressed layer's input channels).
         num_filters: Bank size ``m`` per layer (2 to 2**16).
         scale: Per-filter scales: ``None`` means on exactly where no BatchNorm follows.
+        init: "random" (fresh bank and selections), "weights" (cluster the replaced layer's
+            weights, ``cnnpress.methods.slbf_init``) or "auto" (= "weights": it is cheap).
+        target_size: A file size budget: bytes (int) or a string such as "12KB" (KB = 1000
+            bytes, KiB = 1024; ``cnnpress.budget``). Per-layer ``slice_channels`` and
+            ``num_filters`` are then chosen to fit and written into ``layers``.
+        target_ratio: A budget as fp32 parameter bytes over file bytes (instead of a size).
+        float_bits: Float width the file will be saved at (16: ``save(..., float16=True)``);
+            only the budget uses it.
+        header_reserve: Bytes the budget keeps for the dataset spec and provenance that
+            ``save`` adds to the header (a typical pair takes about 470).
+        budget_max_filters: Largest bank size the budget tries (powers of two from 2).
     """
 
     slice_channels: int = 8
     num_filters: int = 16
     scale: bool | None = None
+    init: str = "auto"
+    target_size: int | str | None = None
+    target_ratio: float | None = None
+    float_bits: int = 32
+    header_reserve: int = 1000
+    budget_max_filters: int = 256
 
     def __post_init__(self) -> None:
         if not isinstance(self.slice_channels, int) or self.slice_channels < 1:
@@ -318,6 +335,11 @@ class SLBFConfig(MethodConfig):
             raise ConfigError(
                 f"num_filters must be an integer from 2 to {MAX_FILTERS}, got {self.num_filters!r}"
             )
+        from cnnpress.budget import check_budget
+        from cnnpress.methods.slbf_init import check_init
+
+        check_init(self.init)
+        check_budget(self)
 
 
 def _followed_by_batchnorm(model: nn.Module) -> set[str]:
@@ -344,8 +366,17 @@ class SLBF(Method):
     Config = SLBFConfig
     layer_types = (SLBFConv2d, SLBFLinear)
 
+    def resolve(self, model: nn.Module, config: SLBFConfig) -> SLBFConfig:
+        """With a size budget: per-layer settings chosen to fit it (``cnnpress.budget``)."""
+        from cnnpress.budget import resolve_budget
+
+        return resolve_budget(model, config)
+
     def convert(self, model: nn.Module, config: SLBFConfig) -> nn.Module:
+        from cnnpress.methods import slbf_init
+
         with_bn = _followed_by_batchnorm(model)
+        batchnorms = slbf_init.following_batchnorm(model)
         base = {f.name: getattr(config, f.name) for f in dataclasses.fields(SLBFConfig)}
         for name, module, overrides in select_layers(model, config):
             settings = config_from_dict(SLBFConfig, {**base, **overrides, "layers": {}})
@@ -361,6 +392,8 @@ class SLBF(Method):
                     module, settings.slice_channels, settings.num_filters, scale
                 )
             new.to(next(module.parameters()).device)
+            if slbf_init.wants_weights(settings.init):
+                slbf_init.init_from_module(new, module, batchnorms.get(name))
             replace_module(model, name, new)
         return model
 

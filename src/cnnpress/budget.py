@@ -1,0 +1,307 @@
+"""Compress to a size budget: per-layer SLBF settings chosen so that the real file fits.
+
+``cnnpress.compress(model, "slbf", target_size="12KB")`` (or ``target_ratio=100``) picks, for
+every layer SLBF compresses, a slice width ``d`` from {4, 8, 16, 32} (the divisors of the
+layer's input channels among them; else its largest divisor up to 32) and a bank size ``m``
+(powers of two from 2 to ``budget_max_filters``, and no more than needed to give every slice
+its own filter), guided by each layer's sensitivity: the relative error, with the best scale
+per filter, of the SLBF approximation that ``slbf_init.cluster`` finds for the layer's current
+weights at that ``(d, m)``.
+
+Search (greedy for the multiple-choice knapsack): every layer starts at its smallest setting;
+then, while bytes are left, take the upgrade (any larger setting of one layer) with the largest
+drop of ``err^2`` per byte that still fits. The objective is the sum over layers of ``err^2``
+(each layer's noise-to-signal power, which adds up roughly along the network; a log-SNR
+objective, -sum log(1 - err^2), was tried on a trained ResNet-20 and was no better).
+
+The size is exact: a candidate model is built and written by ``cnnpress.format.save`` (header,
+payload, checksum), plus ``header_reserve`` bytes (default 1000) for the dataset spec and the
+provenance that the final ``save`` adds to the header and that are unknown here (Fashion-MNIST's
+spec and a provenance with command, commit, machine and accuracy take about 470). A file saved
+with ``float16=True`` needs ``float_bits=16`` in the config. Upgrades that overshoot the exact
+size (the header grows by a few bytes with the settings it records) are undone, latest first.
+
+Sizes: an int is bytes; strings take B, KB/kB (1000 bytes), KiB (1024), MB (10^6), MiB (2^20),
+GB, GiB, case-insensitively ("12kb" = 12000 bytes). A ratio is fp32 parameter bytes (4 x every
+parameter and inference buffer of the model as given) over file bytes, as ``cnnpress.summary``
+reports it. The chosen settings go into ``layers`` as exact layer names (merged into an entry of
+the same name when the user gave one) and the targets are cleared, so the recorded config
+rebuilds the same shapes. A layer whose ``layers`` entry sets ``slice_channels`` or
+``num_filters`` keeps that value; the top-level ``slice_channels``/``num_filters`` are unused.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cnnpress.errors import ConfigError
+
+__all__ = [
+    "SLICE_CHOICES",
+    "Candidate",
+    "Plan",
+    "budget_bytes",
+    "candidates",
+    "check_budget",
+    "file_size",
+    "fp32_bytes",
+    "parse_size",
+    "plan",
+    "resolve_budget",
+]
+
+SLICE_CHOICES = (4, 8, 16, 32)
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "kib": 2**10, "mb": 10**6, "mib": 2**20}
+_UNITS |= {"gb": 10**9, "gib": 2**30}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from an int or a string such as "12KB" (1000 bytes a KB) or "12KiB" (1024)."""
+    if isinstance(value, bool):
+        value = None
+    if isinstance(value, int) and value > 0:
+        return value
+    match = _SIZE.match(value) if isinstance(value, str) else None
+    if match and match.group(2).lower() in _UNITS:
+        size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+        if size > 0:
+            return size
+    raise ConfigError(
+        f"target_size must be a positive number of bytes or a size such as '12KB' (1000 bytes) "
+        f"or '12KiB' (1024 bytes), got {value!r}"
+    )
+
+
+def check_budget(config: Any) -> None:
+    """Validate the budget fields of an ``SLBFConfig`` (one line per problem)."""
+    if config.target_size is not None:
+        parse_size(config.target_size)
+    ratio = config.target_ratio
+    if ratio is not None and (
+        isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 0
+    ):
+        raise ConfigError(f"target_ratio must be a positive number, got {ratio!r}")
+    if config.target_size is not None and ratio is not None:
+        raise ConfigError("give target_size or target_ratio, not both")
+    if config.float_bits not in (16, 32):
+        raise ConfigError(f"float_bits must be 32 or 16, got {config.float_bits!r}")
+    reserve = config.header_reserve
+    if isinstance(reserve, bool) or not isinstance(reserve, int) or reserve < 0:
+        raise ConfigError(f"header_reserve must be a whole number of bytes >= 0, got {reserve!r}")
+    cap = config.budget_max_filters
+    if isinstance(cap, bool) or not isinstance(cap, int) or not 2 <= cap <= 2**16:
+        raise ConfigError(f"budget_max_filters must be an integer from 2 to 65536, got {cap!r}")
+
+
+def fp32_bytes(model: nn.Module) -> int:
+    """4 bytes per parameter and inference buffer (not ``num_batches_tracked``) of ``model``."""
+    from cnnpress.cost import inference_numel
+
+    return 4 * sum(inference_numel(m) for m in model.modules())
+
+
+def budget_bytes(model: nn.Module, config: Any) -> int | None:
+    """The byte budget ``config`` asks for (``None`` without a target)."""
+    if config.target_size is not None:
+        return parse_size(config.target_size)
+    if config.target_ratio is not None:
+        return math.floor(fp32_bytes(model) / config.target_ratio)
+    return None
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One setting of one layer: its variable bytes (bank + indices) and its error."""
+
+    slice_channels: int
+    num_filters: int
+    bytes: int
+    error: float
+
+
+@dataclass
+class Plan:
+    """The chosen settings: per layer a :class:`Candidate`, and the exact file bytes.
+
+    ``file_bytes`` and ``minimum_bytes`` include ``header_reserve``; ``error`` is the sum of
+    the chosen layers' squared errors (the search objective).
+    """
+
+    budget: int
+    file_bytes: int
+    minimum_bytes: int
+    layers: dict[str, Candidate]
+    error: float
+
+    def overrides(self) -> dict[str, dict[str, int]]:
+        """``{layer: {slice_channels, num_filters}}`` for the config's ``layers``."""
+        return {
+            name: {"slice_channels": c.slice_channels, "num_filters": c.num_filters}
+            for name, c in self.layers.items()
+        }
+
+
+def _dims(module: nn.Module) -> tuple[int, int, int]:
+    if isinstance(module, nn.Conv2d):
+        kh, kw = module.kernel_size
+        return module.out_channels, module.in_channels, kh * kw
+    return module.out_features, module.in_features, 1
+
+
+def candidates(
+    module: nn.Module, overrides: dict[str, Any], max_filters: int, name: str = ""
+) -> list[Candidate]:
+    """The Pareto front (fewer bytes, lower error) of a layer's settings, by bytes.
+
+    ``overrides`` are the layer's ``layers`` settings: a ``slice_channels`` or ``num_filters``
+    there is kept as the only choice.
+    """
+    from cnnpress.format.layout import nbytes
+    from cnnpress.methods.slbf import _check, index_bits
+    from cnnpress.methods.slbf_init import cluster, scaled_error, slices_of
+
+    n, c, kk = _dims(module)
+    if "slice_channels" in overrides or "num_filters" in overrides:
+        _check(c, overrides.get("slice_channels", c), overrides.get("num_filters", 2), name)
+    if "slice_channels" in overrides:
+        widths = [overrides["slice_channels"]]
+    else:
+        widths = [d for d in SLICE_CHOICES if c % d == 0]
+        widths = widths or [max(d for d in range(1, SLICE_CHOICES[-1] + 1) if c % d == 0)]
+    weight = module.weight.detach()
+    found = []
+    for d in widths:
+        s = c // d
+        if "num_filters" in overrides:
+            sizes = [overrides["num_filters"]]
+        else:
+            top = min(max_filters, 2 ** max(1, math.ceil(math.log2(n * s))))
+            sizes = [2**b for b in range(1, int(math.log2(top)) + 1)]
+        x = slices_of(weight, d)
+        for m in sizes:
+            bank, idx, _ = cluster(x, m)
+            error = scaled_error(x.reshape(n, -1), bank[idx].reshape(n, -1))[1]
+            size = nbytes("u1", (m, d * kk)) + nbytes(f"u{index_bits(m)}", (n, s))
+            found.append(Candidate(d, m, size, error))
+    front: list[Candidate] = []
+    for cand in sorted(found, key=lambda x: (x.bytes, x.error)):
+        if not front or cand.error < front[-1].error:
+            front.append(cand)
+    return front
+
+
+def _with_layers(config: Any, chosen: dict[str, dict[str, int]]) -> Any:
+    """``config`` with the chosen settings in ``layers`` and the targets cleared."""
+    layers = dict(config.layers)
+    for name, values in chosen.items():
+        old = layers.get(name)
+        layers[name] = {**old, **values} if isinstance(old, dict) else dict(values)
+    return dataclasses.replace(config, layers=layers, target_size=None, target_ratio=None)
+
+
+def file_size(model: nn.Module, config: Any) -> int:
+    """Exact bytes of the ``.cnnp`` file of ``compress(model, "slbf", config)``.
+
+    Saved with no dataset and no provenance, floats at ``config.float_bits``; the global RNG
+    is left as it was.
+    """
+    from cnnpress.format import save
+    from cnnpress.methods.slbf import SLBF
+
+    if getattr(model, "cnnpress_arch", None) is None:
+        raise ConfigError(
+            "a size budget needs a model built by cnnpress.models.create "
+            "(its file records the architecture)"
+        )
+    with torch.random.fork_rng(devices=[]):
+        candidate = SLBF().convert(copy.deepcopy(model), dataclasses.replace(config, init="random"))
+    candidate.cnnpress_method = {"name": "slbf", "config": config.to_dict()}
+    candidate.cnnpress_dataset = candidate.cnnpress_provenance = None
+    with tempfile.TemporaryDirectory() as tmp:
+        return save(candidate, Path(tmp) / "size.cnnp", float16=config.float_bits == 16)
+
+
+def plan(model: nn.Module, config: Any) -> Plan:
+    """Choose per-layer ``(d, m)`` for the budget of ``config`` (see the module docstring).
+
+    Raises:
+        ConfigError: No target in ``config``, or even the smallest settings do not fit.
+    """
+    from cnnpress.methods.base import select_layers
+
+    budget = budget_bytes(model, config)
+    if budget is None:
+        raise ConfigError("no budget: give target_size or target_ratio")
+    fronts = {
+        name: candidates(module, overrides, config.budget_max_filters, name)
+        for name, module, overrides in select_layers(model, config)
+    }
+    choice = dict.fromkeys(fronts, 0)
+
+    def settings() -> dict[str, dict[str, int]]:
+        return {
+            n: {
+                "slice_channels": f[choice[n]].slice_channels,
+                "num_filters": f[choice[n]].num_filters,
+            }
+            for n, f in fronts.items()
+        }
+
+    def exact() -> int:
+        return file_size(model, _with_layers(config, settings())) + config.header_reserve
+
+    minimum = exact()
+    if minimum > budget:
+        more = "include_linear, include_first"
+        hint = f"save with float16 (float_bits=16) or compress more layers ({more})"
+        if config.float_bits == 16:
+            hint = f"compress more layers ({more})"
+        raise ConfigError(
+            f"the budget of {budget:,} bytes cannot be met: the smallest settings give a file of "
+            f"{minimum:,} bytes (with header_reserve {config.header_reserve}); raise the target "
+            f"or {hint}"
+        )
+    left = budget - minimum - 32  # a little room for the header growing with the settings
+    history: list[tuple[str, int]] = []
+    while True:
+        best: tuple[float, str, int] | None = None
+        for name, front in fronts.items():
+            now = front[choice[name]]
+            for j in range(choice[name] + 1, len(front)):
+                extra = front[j].bytes - now.bytes
+                if extra > left:
+                    break
+                gain = (now.error**2 - front[j].error ** 2) / max(extra, 1)
+                if best is None or gain > best[0]:
+                    best = (gain, name, j)
+        if best is None:
+            break
+        _, name, j = best
+        left -= fronts[name][j].bytes - fronts[name][choice[name]].bytes
+        history.append((name, choice[name]))
+        choice[name] = j
+    size = exact()
+    while size > budget and history:
+        name, previous = history.pop()
+        choice[name] = previous
+        size = exact()
+    chosen = {n: f[choice[n]] for n, f in fronts.items()}
+    return Plan(budget, size, minimum, chosen, sum(c.error**2 for c in chosen.values()))
+
+
+def resolve_budget(model: nn.Module, config: Any) -> Any:
+    """``config`` with a budget turned into per-layer settings; unchanged without one."""
+    if config.target_size is None and config.target_ratio is None:
+        return config
+    return _with_layers(config, plan(model, config).overrides())

@@ -1,0 +1,136 @@
+"""Compression to a size budget: the real file fits, an impossible budget names the smallest
+reachable size, more bytes buy less error, and the recorded config rebuilds the model."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+import cnnpress
+from cnnpress.budget import file_size, fp32_bytes, parse_size, plan
+from cnnpress.data import get_spec
+from cnnpress.errors import ConfigError
+from cnnpress.methods.slbf import SLBFConfig, SLBFConv2d
+
+FAST = {"float_bits": 16, "budget_max_filters": 8}  # small candidate lists keep tests quick
+
+
+@pytest.fixture(scope="module")
+def net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return cnnpress.models.create("resnet20", 1, 10, width=8)
+
+
+@pytest.fixture(scope="module")
+def smallest(net) -> int:
+    """The smallest reachable size, read from the impossible-budget error."""
+    with pytest.raises(ConfigError, match="cannot be met") as err:
+        plan(net, SLBFConfig(target_size=1000, **FAST))
+    message = str(err.value)
+    assert "\n" not in message
+    return int(re.search(r"give a file of ([\d,]+) bytes", message).group(1).replace(",", ""))
+
+
+def test_the_file_fits_the_budget(net, smallest, tmp_path):
+    budget = smallest + 1500
+    small = cnnpress.compress(net, "slbf", target_size=budget, **FAST)
+    provenance = {
+        "command": f"cnnpress compress --method slbf --model resnet20 --target-size {budget}",
+        "commit": "0123456789abcdef0123456789abcdef01234567+dirty",
+        "accuracy": 91.37,
+        "machine": {"cpu": "AMD EPYC 7B13", "cores": 2, "torch": torch.__version__},
+    }
+    path = tmp_path / "m.cnnp"
+    written = cnnpress.save(
+        small,
+        path,
+        float16=True,
+        provenance=provenance,
+        dataset=get_spec("fashion-mnist").to_dict(),
+    )
+    assert smallest - 1000 < written <= budget
+    recorded = small.cnnpress_method["config"]
+    assert recorded["target_size"] is None and recorded["target_ratio"] is None
+    layers = [n for n, m in small.named_modules() if isinstance(m, SLBFConv2d)]
+    assert sorted(recorded["layers"]) == sorted(layers)
+    same = cnnpress.load(path)  # the recorded per-layer settings rebuild the same shapes
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(same(x), small.eval()(x), atol=1e-2, rtol=1e-2)
+
+
+def test_impossible_budget_names_the_minimum(net, smallest):
+    assert plan(net, SLBFConfig(target_size=smallest, **FAST)).file_bytes == smallest
+    with pytest.raises(ConfigError, match=f"{smallest:,} bytes"):
+        cnnpress.compress(net, "slbf", target_size=smallest - 1, **FAST)
+    # float32 floats need more room than float16 ones
+    with pytest.raises(ConfigError, match="cannot be met"):
+        plan(net, SLBFConfig(target_size=smallest, budget_max_filters=8))
+
+
+def test_a_larger_budget_buys_lower_error(net, smallest):
+    low = plan(net, SLBFConfig(target_size=smallest + 300, **FAST))
+    high = plan(net, SLBFConfig(target_size=smallest + 3000, **FAST))
+    assert low.file_bytes <= smallest + 300 < high.file_bytes <= smallest + 3000
+    assert high.error < low.error
+    assert high.error == pytest.approx(sum(c.error**2 for c in high.layers.values()))
+
+
+def test_ratio_is_a_size(net, smallest):
+    ratio = fp32_bytes(net) / (smallest + 800)
+    by_ratio = plan(net, SLBFConfig(target_ratio=ratio, **FAST))
+    assert by_ratio.budget == int(fp32_bytes(net) / ratio)
+    assert by_ratio.file_bytes <= by_ratio.budget
+    cfg = SLBFConfig(**FAST, layers=by_ratio.overrides())
+    assert file_size(net, cfg) + cfg.header_reserve == by_ratio.file_bytes
+
+
+def test_pinned_settings_are_kept(net, smallest):
+    layers = {"layer3.*": {"num_filters": 4}, "layer1.0.conv1": {"skip": True}}
+    chosen = plan(net, SLBFConfig(target_size=smallest + 2500, layers=layers, **FAST))
+    assert "layer1.0.conv1" not in chosen.layers
+    assert {c.num_filters for n, c in chosen.layers.items() if n.startswith("layer3")} == {4}
+    with pytest.raises(ConfigError, match="does not divide"):
+        plan(net, SLBFConfig(target_size="1MB", layers={"layer2.*": {"slice_channels": 3}}))
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        (12000, 12000),
+        ("12KB", 12000),
+        ("12kb", 12000),
+        ("12KiB", 12288),
+        ("1.5MB", 1500000),
+        (" 300 B", 300),
+        ("2MiB", 2097152),
+    ],
+)
+def test_parse_size(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"target_size": "12 parsecs"},
+        {"target_size": 0},
+        {"target_size": True},
+        {"target_ratio": -3},
+        {"target_size": "1KB", "target_ratio": 10},
+        {"float_bits": 8},
+        {"header_reserve": -1},
+        {"budget_max_filters": 1},
+    ],
+)
+def test_bad_budget_settings(settings):
+    with pytest.raises(ConfigError):
+        SLBFConfig(**settings)
+
+
+def test_needs_a_registered_architecture(net):
+    bare = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.Conv2d(8, 8, 3))
+    with pytest.raises(ConfigError, match="models.create"):
+        cnnpress.compress(bare, "slbf", target_size="100KB")
