@@ -6,12 +6,21 @@ Public API: :func:`compress`, :func:`summary`, :func:`save`, :func:`load`, :mod:
 
 from __future__ import annotations
 
-from cnnpress import methods, models
+from cnnpress import data, methods, models
 from cnnpress.api import compress
 from cnnpress.cost import summary
 from cnnpress.errors import CnnpressError
 from cnnpress.format import load, save
 
-__all__ = ["CnnpressError", "compress", "load", "methods", "models", "save", "summary"]
+__all__ = [
+    "CnnpressError",
+    "compress",
+    "data",
+    "load",
+    "methods",
+    "models",
+    "save",
+    "summary",
+]
 
 __version__ = "0.1.0"
