@@ -19,28 +19,13 @@ from cnnpress.format import read_info
 from cnnpress.methods.kmeans import KMeansConfig, KMeansLayer, kmeans_1d
 from cnnpress.methods.sparse import position_bits
 from cnnpress.runtime.dense import to_dense
+from helpers import rel_err, resnet
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def resnet(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    net = cnnpress.models.create("resnet20", 1, 10, width=8)
-    for m in net.modules():  # trained-looking BatchNorm so comparisons are not trivial
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.normal_()
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.normal_()
-            m.bias.data.normal_()
-    return net
-
-
 def kmeans_layers(net: nn.Module) -> dict[str, KMeansLayer]:
     return {n: m for n, m in net.named_modules() if isinstance(m, KMeansLayer)}
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / a.abs().max()).item()
 
 
 @settings(max_examples=25, deadline=None)
