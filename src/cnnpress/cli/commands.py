@@ -283,9 +283,12 @@ def _run(args: argparse.Namespace, console: Console, err: Console, with_method: 
     _set_threads(args.threads)
     ctx = init_distributed()
     try:
-        return _train_run(args, console, err if ctx.is_main else _QUIET, with_method, ctx)
-    finally:
-        shutdown(ctx)
+        result = _train_run(args, console, err if ctx.is_main else _QUIET, with_method, ctx)
+    except BaseException:
+        shutdown(ctx, ok=False)
+        raise
+    shutdown(ctx)
+    return result
 
 
 _QUIET = Console(stderr=True, quiet=True)

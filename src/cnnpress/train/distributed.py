@@ -160,9 +160,17 @@ def current() -> DistContext:
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
 
 
-def shutdown(ctx: DistContext) -> None:
-    """Leave the process group (if this process joined one)."""
+def shutdown(ctx: DistContext, ok: bool = True) -> None:
+    """Leave the process group (if this process joined one).
+
+    After a run that ended well on this rank, every rank first waits for the others
+    (a barrier): a rank that tears its gloo connections down while rank 0 is still writing
+    its last files aborts now and then ("terminate called without an active exception").
+    After a failure there is no barrier, since the other ranks may never arrive.
+    """
     if ctx.enabled and dist.is_initialized():
+        if ok:
+            dist.barrier()
         dist.destroy_process_group()
 
 
