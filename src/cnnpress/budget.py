@@ -213,8 +213,8 @@ def _with_layers(config: Any, chosen: dict[str, dict[str, int]]) -> Any:
 def file_size(model: nn.Module, config: Any) -> int:
     """Exact bytes of the ``.cnnp`` file of ``compress(model, "slbf", config)``.
 
-    Saved with no dataset and no provenance, floats at ``config.float_bits``; the global RNG
-    is left as it was.
+    Saved with no dataset and no provenance, as the config says (``float_bits``,
+    ``fold_batchnorm``, ``entropy``); the global RNG is left as it was.
     """
     from cnnpress.format import save
     from cnnpress.methods.slbf import SLBF
@@ -229,7 +229,7 @@ def file_size(model: nn.Module, config: Any) -> int:
     candidate.cnnpress_method = {"name": "slbf", "config": config.to_dict()}
     candidate.cnnpress_dataset = candidate.cnnpress_provenance = None
     with tempfile.TemporaryDirectory() as tmp:
-        return save(candidate, Path(tmp) / "size.cnnp", float16=config.float_bits == 16)
+        return save(candidate, Path(tmp) / "size.cnnp")
 
 
 def plan(model: nn.Module, config: Any) -> Plan:
@@ -264,38 +264,61 @@ def plan(model: nn.Module, config: Any) -> Plan:
     minimum = exact()
     if minimum > budget:
         more = "include_linear, include_first"
-        hint = f"save with float16 (float_bits=16) or compress more layers ({more})"
-        if config.float_bits == 16:
-            hint = f"compress more layers ({more})"
+        smaller = [
+            flag
+            for flag, off in (
+                ("float_bits=16", config.float_bits != 16),
+                ("fold_batchnorm", not config.fold_batchnorm),
+                ("entropy", not config.entropy),
+            )
+            if off
+        ]
+        hint = f"compress more layers ({more})"
+        if smaller:
+            hint = f"save smaller ({', '.join(smaller)}) or {hint}"
         raise ConfigError(
             f"the budget of {budget:,} bytes cannot be met: the smallest settings give a file of "
             f"{minimum:,} bytes (with header_reserve {config.header_reserve}); raise the target "
             f"or {hint}"
         )
-    left = budget - minimum - 32  # a little room for the header growing with the settings
     history: list[tuple[str, int]] = []
-    while True:
-        best: tuple[float, str, int] | None = None
-        for name, front in fronts.items():
-            now = front[choice[name]]
-            for j in range(choice[name] + 1, len(front)):
-                extra = front[j].bytes - now.bytes
-                if extra > left:
-                    break
-                gain = (now.error**2 - front[j].error ** 2) / max(extra, 1)
-                if best is None or gain > best[0]:
-                    best = (gain, name, j)
-        if best is None:
+
+    def grow(left: int) -> bool:
+        """Greedy upgrades within ``left`` estimated bytes; whether any was taken."""
+        took = False
+        while True:
+            best: tuple[float, str, int] | None = None
+            for name, front in fronts.items():
+                now = front[choice[name]]
+                for j in range(choice[name] + 1, len(front)):
+                    extra = front[j].bytes - now.bytes
+                    if extra > left:
+                        break
+                    gain = (now.error**2 - front[j].error ** 2) / max(extra, 1)
+                    if best is None or gain > best[0]:
+                        best = (gain, name, j)
+            if best is None:
+                return took
+            _, name, j = best
+            left -= fronts[name][j].bytes - fronts[name][choice[name]].bytes
+            history.append((name, choice[name]))
+            choice[name] = j
+            took = True
+
+    # The estimates count raw index bits; entropy coding and the header make the real file
+    # differ, so measure it, undo what overshoots, and spend what the estimate left over.
+    size, left = minimum, budget - minimum - 32  # room for the header growing with settings
+    for _ in range(4):
+        if not grow(left):
             break
-        _, name, j = best
-        left -= fronts[name][j].bytes - fronts[name][choice[name]].bytes
-        history.append((name, choice[name]))
-        choice[name] = j
-    size = exact()
-    while size > budget and history:
-        name, previous = history.pop()
-        choice[name] = previous
         size = exact()
+        while size > budget and history:
+            name, previous = history.pop()
+            choice[name] = previous
+            size = exact()
+        left = budget - size - 32
+        if left <= 0:
+            break
     chosen = {n: f[choice[n]] for n, f in fronts.items()}
     return Plan(budget, size, minimum, chosen, sum(c.error**2 for c in chosen.values()))
 

@@ -30,6 +30,7 @@ __all__ = [
     "plot",
     "run_comparison",
     "table",
+    "write_report",
 ]
 
 _RUN_KEYS = {
@@ -84,6 +85,11 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
         for key in ("method", "method_config", "init"):
             if run.get(key) is not None:
                 cfg[key] = run[key]
+        if cfg.get("method"):  # every compressed model saved the same way (`save:`)
+            cfg["method_config"] = {
+                **(recipe.get("save") or {}),
+                **(cfg.get("method_config") or {}),
+            }
         if run.get("distill"):
             kd = dict(run["distill"])
             teacher = kd.get("teacher")
@@ -131,24 +137,32 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: points[i][0])
 
 
+_SAVE_KEYS = ("float_bits", "fold_batchnorm", "entropy")
+
+
 def table(records: list[dict[str, Any]]) -> str:
     """The markdown table of the comparison."""
     base = next((r for r in records if r.get("method") == "fp32"), None)
     lines = [
-        "| run | method | settings | test acc. | vs fp32 | file bytes | ratio (file) | MACs | "
-        "binary MACs | latency b=1 | latency b=64 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| run | method | settings | start | epochs | test acc. | vs fp32 | file bytes | "
+        "ratio (file) | MACs | binary MACs | latency b=1 | latency b=64 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         delta = r["accuracy"] - base["accuracy"] if base else 0.0
-        settings = json.dumps(r.get("settings") or {}, separators=(",", ":"))
+        shown = dict(r.get("settings") or {})
+        if shown.get("method_config"):  # the storage settings are the recipe's `save:`
+            shown["method_config"] = {
+                k: v for k, v in shown["method_config"].items() if k not in _SAVE_KEYS
+            }
+        settings = json.dumps({k: v for k, v in shown.items() if v}, separators=(",", ":"))
         if len(settings) > 60:
             settings = settings[:57] + "..."
         lines.append(
-            f"| {r['run']} | {r['method']} | `{settings}` | {r['accuracy']:.2f}% | "
-            f"{delta:+.2f} | {r['file_bytes']:,} | {r['ratio']:.1f}x | {r['macs'] / 1e6:.1f}M | "
-            f"{r['binary_macs'] / 1e6:.1f}M | {1e3 * r['latency_b1']:.2f} ms | "
-            f"{1e3 * r['latency_b64']:.1f} ms |"
+            f"| {r['run']} | {r['method']} | `{settings}` | {r.get('start', '')} | "
+            f"{r.get('epochs')} | {r['accuracy']:.2f}% | {delta:+.2f} | {r['file_bytes']:,} | "
+            f"{r['ratio']:.1f}x | {r['macs'] / 1e6:.1f}M | {r['binary_macs'] / 1e6:.1f}M | "
+            f"{1e3 * r['latency_b1']:.2f} ms | {1e3 * r['latency_b64']:.1f} ms |"
         )
     return "\n".join(lines)
 
@@ -214,9 +228,10 @@ def measure_runs(
         model = load(path)
         spec = DatasetSpec.from_dict(model.cnnpress_dataset)
         shape = (spec.in_channels, *spec.image_size)
-        key = json.dumps([cfg["data"], cfg.get("data_dir")])
+        options = cfg.get("data_options") or {}
+        key = json.dumps([cfg["data"], cfg.get("data_dir"), options], sort_keys=True)
         if key not in tests:
-            tests[key] = load_dataset(cfg["data"], "test", cfg.get("data_dir"))
+            tests[key] = load_dataset(cfg["data"], "test", cfg.get("data_dir"), **options)
         accuracy = evaluate(model, Loader(tests[key], 500, train=False))["accuracy"]
         info = read_info(path)
         s = summary(model, shape, float_bits=info["manifest"].get("float_bits", 32))
@@ -227,11 +242,13 @@ def measure_runs(
                 "run": name,
                 "method": cfg.get("method") or ("distill" if cfg.get("distill") else "fp32"),
                 "model": cfg["model"],
-                "settings": {
-                    k: cfg[k]
-                    for k in ("model_args", "method_config", "distill", "init")
-                    if cfg.get(k)
-                },
+                "settings": {k: cfg[k] for k in ("model_args", "method_config") if cfg.get(k)},
+                "start": ("trained weights" if cfg.get("init") else "scratch")
+                + (" + KD" if cfg.get("distill") else ""),
+                "init": cfg.get("init"),
+                "distill": cfg.get("distill"),
+                "lr": cfg["train"].get("lr"),
+                "init_accuracy": result.get("init_test_accuracy"),
                 "accuracy": accuracy,
                 "epochs": result.get("epochs"),
                 "train_seconds": result.get("train_seconds"),
@@ -254,7 +271,9 @@ def measure_runs(
 def run_comparison(
     recipe_path: str | Path,
     train_run: Callable[[dict[str, Any]], dict[str, Any]],
-    measure: Callable[[list[tuple[str, dict[str, Any], dict[str, Any]]]], list[dict[str, Any]]],
+    measure: Callable[[list[tuple[str, dict[str, Any], dict[str, Any]]]], list[dict[str, Any]]]
+    | None,
+    only: set[str] | None = None,
 ) -> dict[str, Any]:
     """Train what is missing (cached, resumable), then measure everything together.
 
@@ -263,17 +282,80 @@ def run_comparison(
         train_run: Trains one resolved config (resuming when its folder has a checkpoint) and
             returns its result record.
         measure: Measures the finished runs side by side; returns one record per run.
+            ``None``: train only (for example one share of the runs per process).
+        only: Train only these runs (by name); the others must be finished to be measured.
+
+    Raises:
+        ConfigError: ``only`` names an unknown run, or a run folder holds a run made with
+            other settings than the recipe's.
     """
     recipe = load_recipe(recipe_path)
+    names = [name for name, _ in recipe["resolved"]]
+    unknown = sorted((only or set()) - set(names))
+    if unknown:
+        raise ConfigError(f"no run named {', '.join(unknown)} in {recipe_path}; runs: {names}")
     done = []
     for name, cfg in recipe["resolved"]:
-        result_file = Path(cfg["out"]) / "result.json"
-        result = json.loads(result_file.read_text()) if result_file.is_file() else train_run(cfg)
+        out = Path(cfg["out"])
+        _check_same_settings(out, cfg, name)
+        result_file = out / "result.json"
+        if result_file.is_file():
+            result = json.loads(result_file.read_text())
+        elif only is not None and name not in only:
+            continue
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / RECIPE_RUN).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+            result = train_run(cfg)
         done.append((name, cfg, result))
-    records = measure(done)
+    missing = [n for n in names if n not in {d[0] for d in done}]
+    if measure is None:
+        return {"recipe": str(recipe_path), "trained": [d[0] for d in done], "missing": missing}
+    if missing:
+        raise ConfigError(f"runs not finished yet: {', '.join(missing)}; train them first")
     return {
         "recipe": str(recipe_path),
         "name": recipe.get("name", Path(recipe_path).stem),
+        "description": recipe.get("description"),
         "out": recipe["out"],
-        "runs": records,
+        "runs": measure(done),
     }
+
+
+#: The recipe's settings of a run, written into its folder when the comparison starts it.
+RECIPE_RUN = "compare-run.json"
+
+
+def _check_same_settings(out: Path, cfg: dict[str, Any], name: str) -> None:
+    path = out / RECIPE_RUN
+    if path.is_file() and json.loads(path.read_text()) != json.loads(json.dumps(cfg)):
+        raise ConfigError(
+            f"run {name!r} in {out} was made with other settings than the recipe's now; "
+            "delete that folder to train it again, or give the run another name"
+        )
+
+
+def write_report(result: dict[str, Any], folder: str | Path) -> dict[str, Path]:
+    """``results.json``, ``results.md`` (the table, with the budget stated) and ``results.png``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "json": folder / "results.json",
+        "markdown": folder / "results.md",
+        "plot": folder / "results.png",
+    }
+    paths["json"].write_text(json.dumps(result, indent=2) + "\n")
+    lines = [f"# {result['name']}", ""]
+    if result.get("description"):
+        lines += [result["description"].strip(), ""]
+    prov = result.get("provenance") or {}
+    if prov:
+        lines += [
+            f"Measured by `{prov.get('command')}` at commit `{prov.get('commit')}` on "
+            f"{json.dumps(prov.get('machine'))}.",
+            "",
+        ]
+    lines += [table(result["runs"]), ""]
+    paths["markdown"].write_text("\n".join(lines))
+    plot(result["runs"], paths["plot"], result["name"])
+    return paths

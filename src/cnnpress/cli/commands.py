@@ -34,6 +34,7 @@ from cnnpress.train.distributed import (
 from cnnpress.train.loop import PLAIN, evaluate, fit
 
 __all__ = [
+    "cmd_compare",
     "cmd_compress",
     "cmd_evaluate",
     "cmd_export",
@@ -41,10 +42,22 @@ __all__ = [
     "cmd_summary",
     "cmd_train",
     "resolve_config",
+    "train_config",
 ]
 
 _TRAIN_FLAGS = ("epochs", "batch_size", "lr", "optimizer", "weight_decay", "bn_recalibrate", "seed")
-_METHOD_FLAGS = {"slice_channels": "slice_channels", "num_filters": "num_filters"}
+_METHOD_FLAGS = {
+    "slice_channels": "slice_channels",
+    "num_filters": "num_filters",
+    "target_size": "target_size",
+    "target_ratio": "target_ratio",
+}
+#: Flags that switch a storage setting on (``--float16`` means ``float_bits: 16``).
+_STORAGE_FLAGS = {
+    "float16": ("float_bits", 16),
+    "fold_batchnorm": ("fold_batchnorm", True),
+    "entropy": ("entropy", True),
+}
 
 
 def _read_recipe(path: str) -> dict[str, Any]:
@@ -117,6 +130,9 @@ def resolve_config(args: argparse.Namespace, with_method: bool) -> dict[str, Any
         for flag, key in _METHOD_FLAGS.items():
             if getattr(args, flag, None) is not None:
                 mc[key] = getattr(args, flag)
+        for flag, (key, value) in _STORAGE_FLAGS.items():
+            if getattr(args, flag, False):
+                mc[key] = value
         cfg["method_config"] = mc
         if not cfg.get("method"):
             raise ConfigError("choose a method with --method (or `method:` in the recipe)")
@@ -302,6 +318,30 @@ def _train_run(
         cfg, resume, changed = _resume_config(args, ctx, err)
     else:
         cfg = resolve_config(args, with_method)
+    return train_config(
+        cfg, console, err, ctx, new=not args.resume, resume=resume, changed=changed, quiet=args.json
+    )
+
+
+def train_config(
+    cfg: dict[str, Any],
+    console: Console,
+    err: Console,
+    ctx: DistContext,
+    *,
+    new: bool = True,
+    resume: bool = False,
+    changed: bool = False,
+    quiet: bool = False,
+) -> dict | None:
+    """Train one run from its full settings (``resolve_config``'s result); its result record.
+
+    Args:
+        new: A new run (its folder must not hold one); else a ``--resume``.
+        resume: Continue from the folder's checkpoint.
+        changed: The settings differ from the folder's config.yaml (save them).
+        quiet: Do not print the result table.
+    """
     train_cfg = TrainConfig.from_dict(cfg["train"])
     train_loader, test_loader, spec = _loaders(cfg, train_cfg, ctx)
     torch.manual_seed(train_cfg.seed)
@@ -313,10 +353,17 @@ def _train_run(
     )
     if cfg.get("init") and not resume:  # a checkpoint replaces the weights anyway
         model = _check_init(cfg["init"], model)
+    budget = None
     if cfg.get("method"):
-        model = compress(model, cfg["method"], **cfg["method_config"])
+        given = cfg["method_config"]
+        model = compress(model, cfg["method"], **given)
+        if given.get("target_size") is not None or given.get("target_ratio") is not None:
+            # The budget chose per-layer settings: keep them, so that --resume (and anyone
+            # reading config.yaml) rebuilds the same shapes without planning again.
+            budget = {k: given.get(k) for k in ("target_size", "target_ratio")}
+            cfg["method_config"] = model.cnnpress_method["config"]
     run_dir = Path(cfg["out"])
-    if not args.resume:
+    if new:
         run_on_main(lambda: _new_run(run_dir, cfg), ctx, f"creating {run_dir}")
     elif changed:  # keep the new settings, once the checkpoint is known to fit
         run_on_main(lambda: _save_changed(run_dir, cfg, model, resume), ctx, "saving config")
@@ -343,6 +390,7 @@ def _train_run(
         loss_fn=loss_fn,
         method=method,
         dist=ctx,
+        eval_at_start=bool(cfg.get("init")),
     )
     if not ctx.is_main:
         return None
@@ -357,7 +405,11 @@ def _train_run(
         "distill": cfg.get("distill"),
         "train": cfg["train"],
         "world_size": ctx.world_size,
+        "budget": budget,
         "test_accuracy": result["test_accuracy"],
+        "init_test_accuracy": next(
+            (h.get("test_accuracy") for h in result["history"] if h["epoch"] == -1), None
+        ),
         "epochs": result["epochs"],
         "train_seconds": result["train_seconds"],
         "wall_seconds_this_process": time.perf_counter() - start,
@@ -371,7 +423,7 @@ def _train_run(
     if cfg.get("method") == "slbf":
         record["bank_usage"] = describe(model)
     atomic_write_text(run_dir / "result.json", json.dumps(record, indent=2) + "\n")
-    if not args.json:
+    if not quiet:
         _print_result(console, record)
     return record
 
@@ -398,6 +450,48 @@ def cmd_train(args: argparse.Namespace, console: Console, err: Console) -> dict:
 def cmd_compress(args: argparse.Namespace, console: Console, err: Console) -> dict:
     """``cnnpress compress``: convert with a method, then train (from scratch or --init)."""
     return _run(args, console, err, with_method=True)
+
+
+def cmd_compare(args: argparse.Namespace, console: Console, err: Console) -> dict:
+    """``cnnpress compare``: train the recipe's missing runs, then measure and report all."""
+    from cnnpress.compare import measure_runs, run_comparison, write_report
+
+    _set_threads(args.threads)
+    ctx = DistContext()  # one process; run shares of the recipe side by side with --runs
+
+    def train_run(cfg: dict[str, Any]) -> dict:
+        cfg = {**cfg, "train": TrainConfig.from_dict(cfg["train"]).to_dict()}
+        cfg.setdefault("method_config", {})
+        out = Path(cfg["out"])
+        err.print(f"[bold]{out.name}[/bold]: training in {out}")
+        if (out / "config.yaml").is_file():  # started before: resume it
+            ns = argparse.Namespace(out=str(out), recipe=None, data_dir=cfg.get("data_dir"))
+            cfg, resume, changed = _resume_config(ns, ctx, err)
+            record = train_config(
+                cfg, console, err, ctx, new=False, resume=resume, changed=changed, quiet=True
+            )
+        else:
+            record = train_config(cfg, console, err, ctx, quiet=True)
+        assert record is not None  # one process: this is rank 0
+        return record
+
+    only = {x.strip() for x in args.runs.split(",") if x.strip()} if args.runs else None
+    result = run_comparison(
+        args.recipe, train_run, None if args.train_only else measure_runs, only=only
+    )
+    if args.train_only:
+        console.print(f"trained: {', '.join(result['trained']) or 'nothing'}", **PLAIN)
+        if result["missing"]:
+            console.print(f"not finished: {', '.join(result['missing'])}", **PLAIN)
+        return result
+    result["provenance"] = provenance()
+    paths = write_report(result, args.report or result["out"])
+    if not args.json:
+        from cnnpress.compare import table
+
+        console.print(table(result["runs"]), **PLAIN)
+        console.print("wrote " + ", ".join(str(p) for p in paths.values()), **PLAIN)
+    return result
 
 
 def cmd_evaluate(args: argparse.Namespace, console: Console, err: Console) -> dict:

@@ -49,6 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
+    p = sub.add_parser("compare", help="every method of a recipe: train, measure, report")
+    p.add_argument("recipe", help="comparison recipe (YAML), e.g. recipes/compare-fmnist.yaml")
+    p.add_argument("--runs", help="train only these runs (comma-separated names)")
+    p.add_argument("--train-only", action="store_true", help="train, do not measure or report")
+    p.add_argument("--report", help="folder for results.json/.md/.png (default: the recipe's out)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("train", help="train a full-precision model")
     _train_options(p)
 
@@ -58,6 +66,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", help="start from trained weights (a run folder or model file)")
     p.add_argument("--slice-channels", type=int, help="SLBF slice width d")
     p.add_argument("--num-filters", type=int, help="SLBF bank size m")
+    p.add_argument(
+        "--target-size", help="SLBF: file size budget, e.g. 12KB (per-layer d and m chosen to fit)"
+    )
+    p.add_argument(
+        "--target-ratio", type=float, help="SLBF: budget as fp32 bytes / file bytes, e.g. 100"
+    )
+    p.add_argument("--float16", action="store_true", help="store unpacked floats as float16")
+    p.add_argument(
+        "--fold-batchnorm", action="store_true", help="store BatchNorm folded (inference only)"
+    )
+    p.add_argument(
+        "--entropy", action="store_true", help="Huffman-code selection indices where smaller"
+    )
     p.add_argument("--teacher", help="distil from this trained model (.cnnp or run folder)")
     p.add_argument("--kd-temperature", type=float, help="distillation temperature T (4)")
     p.add_argument("--kd-alpha", type=float, help="weight of the soft-target loss (0.9)")

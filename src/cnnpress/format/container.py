@@ -67,9 +67,9 @@ def save(
     model: nn.Module,
     path: str | Path,
     *,
-    float16: bool = False,
-    fold_batchnorm: bool = False,
-    entropy: bool = False,
+    float16: bool | None = None,
+    fold_batchnorm: bool | None = None,
+    entropy: bool | None = None,
     dataset: dict[str, Any] | None = None,
     provenance: dict[str, Any] | None = None,
 ) -> int:
@@ -85,13 +85,23 @@ def save(
             its BatchNorm statistics are gone, so it is for inference, not further training.
         entropy: Huffman-code the packed integer streams of 2+ bits (SLBF selections,
             cluster indices) wherever that is smaller; the manifest records each coded size.
+            For ``float16``, ``fold_batchnorm`` and ``entropy``, ``None`` (the default) takes
+            the setting recorded in the model's method config (``float_bits: 16``,
+            ``fold_batchnorm``, ``entropy``, as SLBF with a size budget records them), else off.
         dataset: Dataset spec (``DatasetSpec.to_dict()``); default ``model.cnnpress_dataset``.
         provenance: Command, commit, accuracy...; default ``model.cnnpress_provenance``.
     """
     from cnnpress.models import arch_of
 
-    float_bits = 16 if float16 else 32
     recorded = getattr(model, "cnnpress_method", None)
+    wanted = (recorded or {}).get("config") or {}
+    if float16 is None:
+        float16 = wanted.get("float_bits") == 16
+    if fold_batchnorm is None:
+        fold_batchnorm = bool(wanted.get("fold_batchnorm", False))
+    if entropy is None:
+        entropy = bool(wanted.get("entropy", False))
+    float_bits = 16 if float16 else 32
     if recorded:
         from cnnpress.methods import get as get_method
 

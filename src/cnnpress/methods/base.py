@@ -20,6 +20,7 @@ from cnnpress.registry import Registry
 
 __all__ = [
     "METHODS",
+    "MODEL_SETTINGS",
     "LayerCost",
     "Method",
     "MethodConfig",
@@ -60,15 +61,35 @@ class MethodConfig:
         layers: Per-layer overrides, ``{name-or-glob: {setting: value}}``, applied in order.
             A value of ``None`` or ``{"skip": True}`` keeps the layer in fp32;
             ``{"include": True}`` compresses a layer the default rule leaves alone.
+        float_bits: Float width of the saved file: 16 stores the floats that are not
+            bit-packed (BatchNorm, scales, biases, centroids, uncompressed layers) as float16.
+        fold_batchnorm: Store each BatchNorm folded into a scale and a shift (the file is then
+            for inference, not further training).
+        entropy: Huffman-code the packed integer streams (SLBF selections, cluster indices)
+            where that is smaller. ``float_bits``, ``fold_batchnorm`` and ``entropy`` are how
+            ``cnnpress.save`` writes the model unless its own arguments say otherwise.
     """
 
     include_first: bool = False
     include_linear: bool = False
     layers: dict[str, Any] = dataclasses.field(default_factory=dict)
+    float_bits: int = 32
+    fold_batchnorm: bool = False
+    entropy: bool = False
+
+    def __post_init__(self) -> None:
+        if self.float_bits not in (16, 32):
+            raise ConfigError(f"float_bits must be 16 or 32, got {self.float_bits!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able settings."""
         return dataclasses.asdict(self)
+
+
+#: ``MethodConfig`` fields about the whole model (which layers, how the file is saved), as
+#: opposed to the per-layer settings a method builds its layers from.
+MODEL_SETTINGS = ("include_first", "include_linear", "layers", "float_bits", "fold_batchnorm",
+                  "entropy")
 
 
 def config_from_dict(cls: type, values: dict[str, Any]) -> Any:

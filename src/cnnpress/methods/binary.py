@@ -49,6 +49,7 @@ from torch import nn
 from cnnpress.errors import ConfigError
 from cnnpress.methods.base import (
     METHODS,
+    MODEL_SETTINGS,
     LayerCost,
     Method,
     MethodConfig,
@@ -327,7 +328,11 @@ class BinaryConfig(MethodConfig):
     clip_weights: bool = True
 
     def __post_init__(self) -> None:
-        _check_bool(self, *(f.name for f in dataclasses.fields(self) if f.name != "layers"))
+        super().__post_init__()
+        _check_bool(
+            self,
+            *(f.name for f in dataclasses.fields(self) if f.name not in ("layers", "float_bits")),
+        )
 
 
 @dataclass(frozen=True)
@@ -371,7 +376,7 @@ class _BinaryMethod(Method):
         base = {f.name: getattr(config, f.name) for f in dataclasses.fields(cls)}
         for name, module, overrides in select_layers(model, config):
             settings = config_from_dict(cls, {**base, **overrides, "layers": {}}).to_dict()
-            for key in ("include_first", "include_linear", "layers"):
+            for key in MODEL_SETTINGS:
                 settings.pop(key)
             if "scale" in settings and settings["scale"] is None:
                 settings["scale"] = name not in with_bn

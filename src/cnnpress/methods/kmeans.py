@@ -153,6 +153,7 @@ class KMeansConfig(MethodConfig):
     sparse_layout: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if isinstance(self.bits, bool) or not isinstance(self.bits, int):
             raise ConfigError(f"bits must be an integer from 1 to {MAX_BITS}, got {self.bits!r}")
         if not 1 <= self.bits <= MAX_BITS:

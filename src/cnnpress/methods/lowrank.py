@@ -264,6 +264,7 @@ class LowRankConfig(MethodConfig):
     ranks: dict[str, list[int]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         e = self.energy
         if isinstance(e, bool) or not isinstance(e, (int, float)) or not 0 < e <= 1:
             raise ConfigError(f"energy must be a number in (0, 1], got {e!r}")

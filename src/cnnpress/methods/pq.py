@@ -270,6 +270,7 @@ class PQConfig(MethodConfig):
     seed: int = 0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         sub = self.subvector
         if sub is not None and (not isinstance(sub, int) or isinstance(sub, bool) or sub < 1):
             raise ConfigError(f"subvector must be a positive integer or null, got {sub!r}")

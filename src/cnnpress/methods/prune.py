@@ -136,6 +136,7 @@ class MagnitudePruneConfig(MethodConfig):
     sparse_layout: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not _fraction(self.sparsity):
             raise ConfigError(f"sparsity must be a number in [0, 1), got {self.sparsity!r}")
         if self.scope not in SCOPES:
@@ -413,6 +414,7 @@ class FilterPruneConfig(MethodConfig):
     channels: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not _fraction(self.ratio):
             raise ConfigError(f"ratio must be a number in [0, 1), got {self.ratio!r}")
         if self.criterion not in CRITERIA:

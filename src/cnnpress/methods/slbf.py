@@ -309,8 +309,8 @@ class SLBFConfig(MethodConfig):
             bytes, KiB = 1024; ``cnnpress.budget``). Per-layer ``slice_channels`` and
             ``num_filters`` are then chosen to fit and written into ``layers``.
         target_ratio: A budget as fp32 parameter bytes over file bytes (instead of a size).
-        float_bits: Float width the file will be saved at (16: ``save(..., float16=True)``);
-            only the budget uses it.
+        float_bits, fold_batchnorm, entropy: How the file is saved (``MethodConfig``); the
+            size budget sizes exactly that file.
         header_reserve: Bytes the budget keeps for the dataset spec and provenance that
             ``save`` adds to the header (a typical pair takes about 470).
         budget_max_filters: Largest bank size the budget tries (powers of two from 2).
@@ -322,11 +322,11 @@ class SLBFConfig(MethodConfig):
     init: str = "auto"
     target_size: int | str | None = None
     target_ratio: float | None = None
-    float_bits: int = 32
     header_reserve: int = 1000
     budget_max_filters: int = 256
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not isinstance(self.slice_channels, int) or self.slice_channels < 1:
             raise ConfigError(
                 f"slice_channels must be a positive integer, got {self.slice_channels!r}"

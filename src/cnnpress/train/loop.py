@@ -142,6 +142,7 @@ def fit(
     extra_meta: dict[str, Any] | None = None,
     method: Any | None = None,
     dist: DistContext | None = None,
+    eval_at_start: bool = False,
 ) -> dict[str, Any]:
     """Train ``model`` in place and write the run folder.
 
@@ -160,6 +161,9 @@ def fit(
         extra_meta: Saved with the checkpoints and the model (dataset spec, provenance).
         method: The compression method (a ``cnnpress.methods.Method``): its ``regulariser``
             is added to the loss and its ``on_epoch_end`` runs after each epoch.
+        eval_at_start: Before the first epoch of a new run, re-estimate BatchNorm and
+            measure the test accuracy (a ``metrics.jsonl`` record with ``epoch: -1``): the
+            accuracy right after initialising from trained weights.
         dist: The distributed context (:mod:`cnnpress.train.distributed`); default: the
             initialised process group, if any, else one process. With several processes the
             model is trained through DistributedDataParallel with BatchNorm over the global
@@ -204,6 +208,8 @@ def fit(
     net = wrap_model(model, ctx)
     model.train()
     with synced_batchnorm(model, ctx):
+        if eval_at_start and not resume:
+            history.append(_evaluate_start(model, train_loader, test_loader, cfg, ctx, console))
         for epoch in range(start_epoch, cfg.epochs):
             train_loader.set_epoch(epoch)
             t0 = time.perf_counter()
@@ -292,6 +298,25 @@ def fit(
         "train_seconds": train_seconds,
         "history": history,
     }
+
+
+def _evaluate_start(
+    model: nn.Module,
+    train_loader: Any,
+    test_loader: Iterable,
+    cfg: TrainConfig,
+    ctx: DistContext,
+    console: Console,
+) -> dict[str, Any]:
+    """The ``epoch: -1`` record: test accuracy before any training (after BN re-estimation)."""
+    recalibrate_batchnorm(model, train_loader, cfg.bn_recalibrate or 50)
+    record: dict[str, Any] = {"epoch": -1}
+    if ctx.is_main:
+        test = evaluate(model, test_loader)
+        record.update(test_loss=test["loss"], test_accuracy=test["accuracy"])
+        console.print(f"before training  test {test['accuracy']:.2f}%", **PLAIN)
+    model.train()
+    return record
 
 
 def _save_epoch(

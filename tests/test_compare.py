@@ -1,0 +1,139 @@
+"""`cnnpress compare`: cached and resumable runs, measured from their files, one report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cnnpress.cli.main import main
+from cnnpress.compare import load_recipe, pareto_front, run_comparison, table
+from cnnpress.errors import ConfigError
+from cnnpress.format import read_info
+
+RECIPE = {
+    "name": "tiny",
+    "description": "Two epochs on synthetic data.",
+    "model": "resnet20",
+    "model_args": {"width": 4},
+    "data": "synthetic",
+    "data_options": {"num_samples": 64},
+    "save": {"float_bits": 16, "fold_batchnorm": True, "entropy": True},
+    "train": {"epochs": 1, "batch_size": 32, "lr": 0.05},
+    "runs": [
+        {"name": "fp32"},
+        {
+            "name": "slbf",
+            "method": "slbf",
+            "method_config": {"slice_channels": 4, "num_filters": 4},
+            "init": "fp32",
+        },
+        {"name": "bwn", "method": "bwn", "init": "fp32", "distill": {"teacher": "fp32"}},
+    ],
+}
+
+
+def write(tmp_path: Path, recipe: dict) -> str:
+    recipe = {**recipe, "out": str(tmp_path / "runs")}
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("compare")
+    recipe = write(tmp, RECIPE)
+    report = tmp / "report"
+    assert main(["compare", recipe, "--threads", "1", "--report", str(report), "--json"]) == 0
+    return tmp, recipe, report
+
+
+def test_report_holds_one_record_per_run_measured_from_its_file(compared):
+    tmp, _, report = compared
+    result = json.loads((report / "results.json").read_text())
+    runs = {r["run"]: r for r in result["runs"]}
+    assert list(runs) == ["fp32", "slbf", "bwn"]
+    for name, r in runs.items():
+        info = read_info(tmp / "runs" / name / "model.cnnp")
+        assert r["file_bytes"] == info["file_bytes"]
+        assert r["ratio"] == pytest.approx(r["fp32_bytes"] / r["file_bytes"])
+        assert 0.0 <= r["accuracy"] <= 100.0
+        assert r["latency_b1"] > 0 and r["latency_b64"] > 0
+    assert runs["fp32"]["ratio"] < 1.1 < runs["bwn"]["ratio"]
+    # The recipe's `save:` applies to every compressed run, and the file says so.
+    manifest = read_info(tmp / "runs" / "slbf" / "model.cnnp")["manifest"]
+    assert manifest["float_bits"] == 16 and manifest["fold_batchnorm"] is True
+    assert runs["slbf"]["start"] == "trained weights" and runs["bwn"]["start"].endswith("+ KD")
+    assert runs["slbf"]["init_accuracy"] is not None  # measured before fine-tuning
+    md = (report / "results.md").read_text()
+    assert "Two epochs on synthetic data." in md and md.count("\n| ") == 4
+    assert (report / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_finished_runs_are_not_trained_again(compared):
+    _, recipe, _ = compared
+
+    def train_run(cfg):
+        raise AssertionError(f"trained {cfg['out']} again")
+
+    result = run_comparison(recipe, train_run, measure=lambda done: [d[0] for d in done])
+    assert result["runs"] == ["fp32", "slbf", "bwn"]
+
+
+def test_changed_settings_of_a_finished_run_are_refused(compared, tmp_path):
+    tmp, _, _ = compared
+    changed = json.loads(json.dumps(RECIPE))
+    changed["runs"][1]["method_config"] = {"slice_channels": 4, "num_filters": 8}
+    recipe = {**changed, "out": str(tmp / "runs")}
+    path = tmp_path / "changed.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ConfigError, match="'slbf' .* other settings"):
+        run_comparison(path, lambda cfg: {}, measure=None)
+
+
+def test_an_interrupted_run_resumes_and_train_only_shares_split_the_work(tmp_path, capsys):
+    recipe = write(tmp_path, {**RECIPE, "runs": RECIPE["runs"][:2]})
+    assert main(["compare", recipe, "--runs", "fp32", "--train-only", "--threads", "1"]) == 0
+    runs = tmp_path / "runs"
+    assert (runs / "fp32" / "result.json").is_file() and not (runs / "slbf").exists()
+    # Measuring needs every run: one clear refusal, nothing written.
+    assert main(["compare", recipe, "--runs", "fp32", "--threads", "1"]) == 2
+    assert "runs not finished yet: slbf" in capsys.readouterr().err
+    assert not (runs / "results.json").exists()
+    # Interrupt the slbf run after its checkpoint (drop what a finished run leaves).
+    assert main(["compare", recipe, "--runs", "slbf", "--train-only", "--threads", "1"]) == 0
+    first = json.loads((runs / "slbf" / "result.json").read_text())
+    for name in ("result.json", "model.cnnp"):
+        (runs / "slbf" / name).unlink()
+    assert main(["compare", recipe, "--threads", "1", "--json"]) == 0
+    again = json.loads((runs / "slbf" / "result.json").read_text())
+    assert again["test_accuracy"] == first["test_accuracy"]  # resumed: nothing retrained
+    assert (runs / "results.json").is_file()
+
+
+def test_unknown_run_names_and_bad_recipes_get_one_line(tmp_path, capsys):
+    recipe = write(tmp_path, RECIPE)
+    assert main(["compare", recipe, "--runs", "nope", "--train-only"]) == 2
+    assert "no run named nope" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**RECIPE, "out": "x", "runs": [{"name": "a", "methd": "slbf"}]}))
+    assert main(["compare", str(bad)]) == 2
+    assert "unknown key(s) ['methd']" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="not found"):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+def test_pareto_front_and_table():
+    points = [(1.0, 93.0), (10.0, 92.0), (10.0, 90.0), (100.0, 91.0), (50.0, 85.0)]
+    assert pareto_front(points) == [0, 1, 3]
+    records = [
+        {"run": "a", "method": "fp32", "accuracy": 93.0, "file_bytes": 1000, "ratio": 1.0,
+         "macs": 4e7, "binary_macs": 0, "latency_b1": 1e-3, "latency_b64": 2e-2},
+        {"run": "b", "method": "slbf", "accuracy": 91.5, "file_bytes": 10, "ratio": 100.0,
+         "macs": 4e7, "binary_macs": 3e7, "latency_b1": 1e-3, "latency_b64": 2e-2},
+    ]  # fmt: skip
+    text = table(records)
+    assert "| b | slbf |" in text and "-1.50" in text and "100.0x" in text
