@@ -3,10 +3,12 @@ reachable size, more bytes buy less error, and the recorded config rebuilds the 
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
 import torch
+import yaml
 
 import cnnpress
 from cnnpress.budget import file_size, fp32_bytes, parse_size, plan
@@ -134,3 +136,50 @@ def test_needs_a_registered_architecture(net):
     bare = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.Conv2d(8, 8, 3))
     with pytest.raises(ConfigError, match="models.create"):
         cnnpress.compress(bare, "slbf", target_size="100KB")
+
+
+def test_storage_settings_are_how_save_writes_and_what_the_budget_sizes(net, smallest, tmp_path):
+    stored = {"fold_batchnorm": True, "entropy": True}
+    # Folding BatchNorm frees bytes: the same budget now buys lower error than without it.
+    plain = plan(net, SLBFConfig(target_size=smallest + 300, **FAST))
+    folded = plan(net, SLBFConfig(target_size=smallest + 300, **FAST, **stored))
+    assert folded.minimum_bytes < plain.minimum_bytes
+    assert folded.error < plain.error
+    small = cnnpress.compress(net, "slbf", target_size=smallest + 300, **FAST, **stored)
+    path = tmp_path / "m.cnnp"
+    written = cnnpress.save(small, path, dataset=get_spec("fashion-mnist").to_dict())
+    assert written <= smallest + 300
+    manifest = cnnpress.format.read_info(path)["manifest"]
+    assert manifest["float_bits"] == 16 and manifest["fold_batchnorm"] is True
+    # An argument of save still wins over the recorded settings.
+    bigger = cnnpress.save(small, tmp_path / "f32.cnnp", float16=False, fold_batchnorm=False)
+    assert bigger > written
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(cnnpress.load(path)(x), small.eval()(x), atol=2e-2, rtol=2e-2)
+
+
+def test_cli_budget_flags(tmp_path, capsys):
+    from cnnpress.cli.main import main
+
+    out, recipe = tmp_path / "run", tmp_path / "tiny.yaml"
+    recipe.write_text(
+        "model: resnet20\nmodel_args: {width: 4}\ndata: synthetic\n"
+        "data_options: {num_samples: 64}\nmethod: slbf\nmethod_config: {budget_max_filters: 8}\n"
+        "train: {epochs: 1, batch_size: 32}\n"
+    )
+    argv = ["compress", "--recipe", str(recipe), "--threads", "1", "--json"]
+    assert main([*argv, "--out", str(out), "--target-ratio", "100000"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cnnpress: error: the budget of") and "\n" not in err
+    assert "float_bits=16, fold_batchnorm, entropy" in err
+    flags = ["--target-size", "6KB", "--float16", "--fold-batchnorm", "--entropy"]
+    assert main([*argv, "--out", str(out), *flags]) == 0
+    assert (out / "model.cnnp").stat().st_size <= 6_000
+    result = json.loads(capsys.readouterr().out)
+    assert result["budget"] == {"target_size": "6KB", "target_ratio": None}
+    saved = yaml.safe_load((out / "config.yaml").read_text())["method_config"]
+    assert saved["target_size"] is None and saved["layers"]  # resume rebuilds these shapes
+    for name in ("model.cnnp", "result.json"):
+        (out / name).unlink()
+    assert main(["compress", "--out", str(out), "--resume", "--threads", "1", "--json"]) == 0

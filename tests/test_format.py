@@ -287,3 +287,24 @@ def test_entropy_coded_selections_are_smaller_and_decode_exactly(tmp_path):
     x = torch.randn(2, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(load(tmp_path / "coded.cnnp")(x), net(x), rtol=0, atol=0)
+
+
+def test_entropy_report_matches_the_file_and_respects_the_shannon_bound(tmp_path):
+    from cnnpress.format.layout import entropy_report, layout
+
+    net = slbf_resnet()
+    gen = torch.Generator().manual_seed(1)
+    for m in net.modules():
+        if isinstance(m, cnnpress.methods.slbf.SLBFConv2d):
+            probs = 1.0 / torch.arange(1, m.num_filters + 1, dtype=torch.float) ** 2
+            idx = torch.multinomial(probs, m.out_channels * m.num_slices, True, generator=gen)
+            m.load_selection(idx.view(m.out_channels, m.num_slices), m.bank())
+    save(net, tmp_path / "coded.cnnp", entropy=True)
+    stored = [a["bytes"] for a in read_info(tmp_path / "coded.cnnp")["arrays"]
+              if a["encoding"][0] in "uh" and int(a["encoding"][1:]) >= 2]
+    rows = entropy_report(layout(net, with_values=True))
+    assert [r["stored_bytes"] for r in rows] == stored
+    for r in rows:
+        assert 0 < r["entropy_bits"] < r["bits"]  # uneven use: below the packed width
+        assert 8 * r["huffman_bytes"] >= r["count"] * r["entropy_bits"]  # no code beats H
+        assert r["stored_bytes"] == min(r["packed_bytes"], r["huffman_bytes"])

@@ -25,6 +25,7 @@ __all__ = [
     "decode",
     "encode",
     "entropy_code",
+    "entropy_report",
     "folds",
     "layout",
     "load_folded_batchnorm",
@@ -102,6 +103,37 @@ def entropy_code(entries: list[Entry]) -> list[Entry]:
                 e = dataclasses.replace(e, encoding=f"h{bits}", size=size)
         out.append(e)
     return out
+
+
+def entropy_report(entries: list[Entry]) -> list[dict[str, Any]]:
+    """What Huffman coding does to each packed integer stream of 2+ bits (with values).
+
+    One row per stream: its key, bits per symbol, count, packed bytes, Huffman bytes (code
+    table included), the Shannon entropy of its symbols in bits (the bound a per-symbol code
+    approaches) and the bytes the file stores (the smaller of the two).
+    """
+    rows = []
+    for e in entries:
+        if not (e.encoding.startswith("u") and int(e.encoding[1:]) >= 2 and e.values is not None):
+            continue
+        values = np.asarray(e.values).ravel()
+        bits = int(e.encoding[1:])
+        packed = nbytes(e.encoding, e.shape)
+        coded = huffman_size(values, 1 << bits)
+        p = np.bincount(values, minlength=1 << bits) / max(1, values.size)
+        p = p[p > 0]
+        rows.append(
+            {
+                "array": e.key,
+                "bits": bits,
+                "count": int(values.size),
+                "packed_bytes": packed,
+                "huffman_bytes": coded,
+                "entropy_bits": float(-(p * np.log2(p)).sum()),
+                "stored_bytes": min(packed, coded),
+            }
+        )
+    return rows
 
 
 def _folded_batchnorm(bn: nn.modules.batchnorm._BatchNorm) -> list[tuple[str, torch.Tensor]]:
