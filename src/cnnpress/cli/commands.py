@@ -19,6 +19,7 @@ from cnnpress.api import compress
 from cnnpress.cost import summary
 from cnnpress.data import DatasetSpec, Loader, get_spec, load_dataset
 from cnnpress.errors import CnnpressError, ConfigError
+from cnnpress.format import read_info
 from cnnpress.methods import get as get_method
 from cnnpress.provenance import provenance
 from cnnpress.train.atomic import atomic_write_text
@@ -93,6 +94,7 @@ def resolve_config(args: argparse.Namespace, with_method: bool) -> dict[str, Any
         "train",
         "method",
         "method_config",
+        "distill",
         "init",
         "out",
     }
@@ -351,8 +353,11 @@ def train_config(
         num_classes=spec.num_classes,
         **(cfg.get("model_args") or {}),
     )
+    before = None
     if cfg.get("init") and not resume:  # a checkpoint replaces the weights anyway
         model = _check_init(cfg["init"], model)
+        if ctx.is_main:  # the "before" of the before/after table, measured here
+            before = _measure_file_model(model, cfg["init"], test_loader, spec)
     budget = None
     if cfg.get("method"):
         given = cfg["method_config"]
@@ -394,7 +399,9 @@ def train_config(
     )
     if not ctx.is_main:
         return None
-    totals = summary(model, (spec.in_channels, *spec.image_size)).totals
+    cost = summary(model, (spec.in_channels, *spec.image_size))
+    cost.attach_file(read_info(run_dir / "model.cnnp"))
+    totals = cost.totals
     record = {
         **prov,
         "model": cfg["model"],
@@ -413,6 +420,9 @@ def train_config(
         "epochs": result["epochs"],
         "train_seconds": result["train_seconds"],
         "wall_seconds_this_process": time.perf_counter() - start,
+        "file_bytes": cost.file["file_bytes"],
+        "ratio": cost.file["ratio"],
+        "before": before,
         "ratio_payload": totals["ratio"],
         "compressed_layers_ratio": totals["compressed_ratio"],
         "stored_bits": totals["stored_bits"],
@@ -428,16 +438,40 @@ def train_config(
     return record
 
 
+def _measure_file_model(
+    model: torch.nn.Module, where: str, test_loader: Loader, spec: DatasetSpec
+) -> dict[str, Any]:
+    """Test accuracy, file bytes and ratio of the trained model a run starts from."""
+    from cnnpress.pretrained import resolve
+
+    path = resolve(where)
+    path = path / "model.cnnp" if path.is_dir() else path
+    record: dict[str, Any] = {"model": str(where)}
+    record["test_accuracy"] = evaluate(model, test_loader)["accuracy"]
+    if path.suffix == ".cnnp" and path.is_file():
+        cost = summary(model, (spec.in_channels, *spec.image_size))
+        cost.attach_file(read_info(path))
+        record.update(file_bytes=cost.file["file_bytes"], ratio=cost.file["ratio"])
+    model.train()
+    return record
+
+
 def _print_result(console: Console, r: dict[str, Any]) -> None:
-    t = Table(title=f"{r['model']} {r['method']} on {r['data']}")
-    for col in ("test accuracy", "epochs", "train time", "ratio (payload)", "compressed layers"):
-        t.add_column(col, justify="right")
+    t = Table(title=f"{r['model']} on {r['data']}: test accuracy and file size (.cnnp)")
+    for col in ("model", "test accuracy", "file bytes", "ratio (file)", "epochs", "train time"):
+        t.add_column(col, justify="left" if col == "model" else "right")
+    b = r.get("before")
+    if b:
+        size = f"{b['file_bytes']:,}" if b.get("file_bytes") else "-"
+        ratio = f"{b['ratio']:.1f}x" if b.get("ratio") else "-"
+        t.add_row(f"before: {b['model']}", f"{b['test_accuracy']:.2f}%", size, ratio, "", "")
     t.add_row(
+        ("after: " if b else "") + r["method"],
         f"{r['test_accuracy']:.2f}%",
+        f"{r['file_bytes']:,}",
+        f"{r['ratio']:.1f}x",
         str(r["epochs"]),
         f"{r['train_seconds'] / 60:.1f} min",
-        f"{r['ratio_payload']:.1f}x",
-        f"{r['compressed_layers_ratio']:.1f}x",
     )
     console.print(t)
 

@@ -166,11 +166,13 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a saved model, in eval mode, with its metadata.
 
     ``path`` is a ``.cnnp`` file, a run folder (its ``model.cnnp``, else the model in its
-    last checkpoint) or a safetensors weights/checkpoint file written by cnnpress.
+    last checkpoint), a safetensors weights/checkpoint file written by cnnpress, or
+    ``pretrained:NAME`` (a model shipped with the package, ``cnnpress.pretrained``).
     """
     from cnnpress.format import load
+    from cnnpress.pretrained import resolve
 
-    path = Path(path)
+    path = resolve(path)
     if path.is_dir():
         cnnp = path / "model.cnnp"
         path = cnnp if cnnp.is_file() else path / "checkpoint.safetensors"
