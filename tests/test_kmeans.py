@@ -80,7 +80,7 @@ def test_pruning_keeps_the_largest_weights_and_clusters_only_them():
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.6])
-def test_centroid_gradient_is_the_sum_of_its_members(sparsity):
+def test_centroid_gradient_is_the_mean_of_its_members(sparsity):
     torch.manual_seed(1)
     net = cnnpress.compress(resnet(), "kmeans", bits=2, sparsity=sparsity)
     layer = net.layer2[1].conv1
@@ -98,7 +98,7 @@ def test_centroid_gradient_is_the_sum_of_its_members(sparsity):
     members = layer.mask if layer.mask is not None else torch.ones_like(layer.index, dtype=bool)
     for j in range(4):
         chosen = (layer.index == j) & members
-        want = weights["w"].grad[chosen].sum()
+        want = weights["w"].grad[chosen].mean()
         torch.testing.assert_close(layer.centroids.grad[j], want, rtol=1e-5, atol=1e-6)
 
 

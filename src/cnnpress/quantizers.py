@@ -6,9 +6,11 @@ input (Bengio et al., 2013; Courbariaux et al., BinaryConnect, 2015).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-__all__ = ["binary_sign", "sign_ste", "one_hot_argmax_ste"]
+__all__ = ["binary_sign", "mean_gather", "one_hot_argmax_ste", "sign_ste"]
 
 
 def binary_sign(x: torch.Tensor) -> torch.Tensor:
@@ -54,3 +56,38 @@ def one_hot_argmax_ste(q: torch.Tensor) -> torch.Tensor:
     Ties go to the lowest index (``torch.argmax``), so the result is always exactly one-hot.
     """
     return _OneHotArgmaxSTE.apply(q)
+
+
+class _MeanGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, table: torch.Tensor, index: torch.Tensor, counts: torch.Tensor):
+        ctx.save_for_backward(index, counts)
+        ctx.rows = table.shape[0]
+        return table[index]
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):
+        index, counts = ctx.saved_tensors
+        flat = grad.reshape(index.numel(), -1)
+        total = flat.new_zeros(ctx.rows, flat.shape[1]).index_add_(0, index.reshape(-1), flat)
+        mean = total / counts.clamp(min=1).to(grad.dtype).unsqueeze(1)
+        return mean.reshape(ctx.rows, *grad.shape[index.dim() :]), None, None
+
+
+def mean_gather(
+    table: torch.Tensor, index: torch.Tensor, members: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``table[index]`` (rows of ``table``); the gradient of a row is the MEAN of the gradients
+    of the positions that read it (of those where ``members`` is true, when given).
+
+    Weight sharing (k-means codebooks, product-quantization codewords) computes with shared
+    values; autograd's gradient of a shared value is the SUM over the weights that share it.
+    With thousands of members, a step at a usual fine-tuning learning rate moves a centroid
+    thousands of times further than the weights it stands for and the network falls apart
+    (measured: k-means 4-bit ResNet-20 on Fashion-MNIST, 93.8% -> 57% in two epochs at lr
+    0.02). The mean is the same direction with a step that does not grow with the cluster.
+    """
+    chosen = index[members] if members is not None else index.reshape(-1)
+    counts = torch.bincount(chosen, minlength=table.shape[0])
+    return _MeanGather.apply(table, index, counts)
+

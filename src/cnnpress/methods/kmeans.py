@@ -7,8 +7,9 @@ Each layer's weights are clustered into ``k = 2**bits`` values: centroids start 
 between the smallest and largest weight (the paper's linear initialisation) and a few Lloyd
 iterations follow. The layer then holds the codebook ``c`` (a Parameter of ``k`` values) and
 the index ``I`` (a buffer); it computes with ``W = c[I]`` (times the mask ``M`` when pruned), so
-the gradient of centroid ``j`` is the sum of the gradients of its members,
-``dL/dc_j = sum_{I(p) = j} dL/dW_p`` (the paper's centroid fine-tuning).
+the gradient of centroid ``j`` is the mean of the gradients of its members,
+``dL/dc_j = mean_{I(p) = j} dL/dW_p`` (the paper sums them; the mean is the same direction
+with a step that does not grow with the cluster, see ``cnnpress.quantizers.mean_gather``).
 
 With ``sparsity > 0`` the layer is first magnitude-pruned to that fraction of zeros and only the
 kept weights are clustered; zeros stay exactly zero and are not stored (prune, then quantize:
@@ -48,6 +49,7 @@ from cnnpress.methods.sparse import (
     recorded_layouts,
     sync_layout,
 )
+from cnnpress.quantizers import mean_gather
 
 __all__ = ["KMeans", "KMeansConfig", "KMeansLayer", "kmeans_1d"]
 
@@ -88,6 +90,7 @@ def kmeans_1d(values: torch.Tensor, k: int, iterations: int) -> tuple[torch.Tens
     return c, assign
 
 
+
 class KMeansLayer(SparseLayer):
     """A conv or linear layer whose weights are ``codebook[index]`` (times a mask if sparse).
 
@@ -106,7 +109,7 @@ class KMeansLayer(SparseLayer):
         self.register_buffer("index", torch.zeros(self.weight_shape, dtype=torch.long, device=dev))
 
     def dense_weight(self) -> torch.Tensor:
-        w = self.centroids[self.index]
+        w = mean_gather(self.centroids, self.index, self.mask)
         return w * self.mask if self.mask is not None else w
 
     def indices(self) -> torch.Tensor:

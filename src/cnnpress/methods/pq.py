@@ -19,8 +19,9 @@ kernel slices; the default, since a small conv layer has too few filters to fill
 per sub-space). Codebooks are learned at convert time from the layer's current weights by
 k-means (k-means++ seeding with a fixed seed, then Lloyd iterations; all point-to-centroid
 distances of a step come from one batched matmul). Training fine-tunes the codebooks with
-the codes fixed: the weight is the gather ``C[q]``, so each codeword's gradient is the sum of
-its members' gradients.
+the codes fixed: the weight is the gather ``C[q]``, and each codeword's gradient is the mean
+of its members' gradients (``cnnpress.quantizers.mean_gather``: the sum would make the step
+grow with the number of members).
 
 Stored bits: ``G*K*s*float_bits`` (codebooks, ``G`` = 1 or ``M``) + ``n*M*bits`` (codes) +
 ``float_bits`` per bias. Operations counted: the dense conv with the reconstructed filters
@@ -48,6 +49,7 @@ from cnnpress.methods.base import (
     replace_module,
     select_layers,
 )
+from cnnpress.quantizers import mean_gather
 
 __all__ = ["PQ", "PQConfig", "PQConv2d", "PQLinear", "kmeans"]
 
@@ -166,12 +168,11 @@ class _PQBase(nn.Module):
 
     def dense_weight(self) -> torch.Tensor:
         """The reconstructed filters ``C_g(j)[q(i, j)]``, shape (n, c, kh, kw); differentiable."""
-        if self.shared_codebook:
-            w = self.codebooks[0][self.codes]
-        else:
-            w = self.codebooks[
-                torch.arange(self.num_subspaces, device=self.codes.device), self.codes
-            ]
+        k = self.codebooks.shape[1]
+        rows = self.codes  # a row of the codebooks seen as one (groups * k, subvector) table
+        if not self.shared_codebook:
+            rows = rows + k * torch.arange(self.num_subspaces, device=rows.device)
+        w = mean_gather(self.codebooks.reshape(-1, self.subvector), rows)
         return w.reshape(self.out_channels, self.in_channels, *self.kernel_size)
 
     def quantize_from(self, weight: torch.Tensor, iterations: int = 10, seed: int = 0) -> None:
