@@ -68,6 +68,7 @@ def test_report_holds_one_record_per_run_measured_from_its_file(compared):
     assert manifest["float_bits"] == 16 and manifest["fold_batchnorm"] is True
     assert runs["slbf"]["start"] == "trained weights" and runs["bwn"]["start"].endswith("+ KD")
     assert runs["slbf"]["init_accuracy"] is not None  # measured before fine-tuning
+    assert [e for e, _ in runs["slbf"]["curve"]] == [-1, 0]
     md = (report / "results.md").read_text()
     assert "Two epochs on synthetic data." in md and md.count("\n| ") == 4
     assert (report / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

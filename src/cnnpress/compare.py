@@ -212,6 +212,14 @@ def plot(records: list[dict[str, Any]], path: str | Path, title: str) -> None:
     plt.close(fig)
 
 
+def _curve(metrics: Path) -> list[list[float]]:
+    """``[epoch, test accuracy]`` per evaluated epoch (epoch -1: before training)."""
+    if not metrics.is_file():
+        return []
+    lines = [json.loads(x) for x in metrics.read_text().splitlines() if x]
+    return [[m["epoch"], m["test_accuracy"]] for m in lines if "test_accuracy" in m]
+
+
 def measure_runs(
     done: list[tuple[str, dict[str, Any], dict[str, Any]]], repeats: int = 15
 ) -> list[dict[str, Any]]:
@@ -249,6 +257,7 @@ def measure_runs(
                 "distill": cfg.get("distill"),
                 "lr": cfg["train"].get("lr"),
                 "init_accuracy": result.get("init_test_accuracy"),
+                "curve": _curve(Path(cfg["out"]) / "metrics.jsonl"),
                 "accuracy": accuracy,
                 "epochs": result.get("epochs"),
                 "train_seconds": result.get("train_seconds"),

@@ -521,11 +521,31 @@ def cmd_compare(args: argparse.Namespace, console: Console, err: Console) -> dic
     result["provenance"] = provenance()
     paths = write_report(result, args.report or result["out"])
     if not args.json:
-        from cnnpress.compare import table
-
-        console.print(table(result["runs"]), **PLAIN)
+        _print_comparison(console, result["runs"])
         console.print("wrote " + ", ".join(str(p) for p in paths.values()), **PLAIN)
     return result
+
+
+def _print_comparison(console: Console, runs: list[dict[str, Any]]) -> None:
+    base = next((r["accuracy"] for r in runs if r["method"] == "fp32"), None)
+    t = Table(title="comparison: test accuracy and file size (.cnnp), CPU latency")
+    cols = ("run", "start", "epochs", "test acc.", "vs fp32", "file bytes", "ratio", "b=1", "b=64")
+    for col in cols:
+        t.add_column(col, justify="left" if col in ("run", "start") else "right")
+    for r in runs:
+        delta = f"{r['accuracy'] - base:+.2f}" if base is not None else "-"
+        t.add_row(
+            r["run"],
+            r.get("start", ""),
+            str(r.get("epochs")),
+            f"{r['accuracy']:.2f}%",
+            delta,
+            f"{r['file_bytes']:,}",
+            f"{r['ratio']:.1f}x",
+            f"{1e3 * r['latency_b1']:.2f} ms",
+            f"{1e3 * r['latency_b64']:.1f} ms",
+        )
+    console.print(t)
 
 
 def cmd_evaluate(args: argparse.Namespace, console: Console, err: Console) -> dict:
