@@ -259,3 +259,21 @@ def test_compress_with_a_teacher(tmp_path, capsys):
     code, _, err = run(capsys, "compress", "--method", "slbf", *base, "--kd-alpha", "0.5",
                        "--out", str(tmp_path / "u"))
     assert code == 2 and "--teacher" in err
+
+
+def test_slbf_from_trained_weights_distils_from_them_by_default():
+    from cnnpress.cli.commands import resolve_config
+    from cnnpress.cli.main import build_parser
+    from cnnpress.errors import ConfigError
+
+    base = ["compress", "--model", "resnet20", "--data", "synthetic", "--init", "runs/fp32"]
+
+    def cfg(*extra: str) -> dict:
+        return resolve_config(build_parser().parse_args([*base, *extra]), with_method=True)
+
+    assert cfg("--method", "slbf")["distill"]["teacher"] == "runs/fp32"
+    assert "distill" not in cfg("--method", "slbf", "--no-kd")
+    assert cfg("--method", "slbf", "--teacher", "t.cnnp")["distill"]["teacher"] == "t.cnnp"
+    assert "distill" not in cfg("--method", "bwn")  # other methods: only when asked
+    with pytest.raises(ConfigError, match="--no-kd turns distillation off"):
+        cfg("--method", "slbf", "--no-kd", "--teacher", "t.cnnp")

@@ -124,6 +124,14 @@ def resolve_config(args: argparse.Namespace, with_method: bool) -> dict[str, Any
         ):
             if getattr(args, flag, None) is not None:
                 kd[key] = getattr(args, flag)
+        if getattr(args, "no_kd", False):
+            flags = ("teacher", "kd_temperature", "kd_alpha")
+            if any(getattr(args, f, None) is not None for f in flags):
+                raise ConfigError("--no-kd turns distillation off; drop --teacher/--kd-* with it")
+            kd = {}
+            cfg.pop("distill", None)
+        elif not kd.get("teacher") and cfg.get("method") == "slbf" and cfg.get("init"):
+            kd["teacher"] = cfg["init"]  # SLBF from trained weights: KD from them by default
         if kd:
             if not kd.get("teacher"):
                 raise ConfigError("--kd-temperature/--kd-alpha need --teacher FILE")

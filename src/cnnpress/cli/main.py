@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", help="distil from this trained model (.cnnp or run folder)")
     p.add_argument("--kd-temperature", type=float, help="distillation temperature T (4)")
     p.add_argument("--kd-alpha", type=float, help="weight of the soft-target loss (0.9)")
+    p.add_argument(
+        "--no-kd", action="store_true", help="SLBF with --init: no distillation from it"
+    )
 
     p = sub.add_parser("evaluate", help="test accuracy of a trained model")
     p.add_argument("model_file", help="model.cnnp file or run folder")
