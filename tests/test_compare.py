@@ -31,6 +31,7 @@ RECIPE = {
             "init": "fp32",
         },
         {"name": "bwn", "method": "bwn", "init": "fp32", "distill": {"teacher": "fp32"}},
+        {"name": "thin", "model_args": {"width": 2}},
     ],
 }
 
@@ -55,14 +56,16 @@ def test_report_holds_one_record_per_run_measured_from_its_file(compared):
     tmp, _, report = compared
     result = json.loads((report / "results.json").read_text())
     runs = {r["run"]: r for r in result["runs"]}
-    assert list(runs) == ["fp32", "slbf", "bwn"]
+    assert list(runs) == ["fp32", "slbf", "bwn", "thin"]
     for name, r in runs.items():
         info = read_info(tmp / "runs" / name / "model.cnnp")
         assert r["file_bytes"] == info["file_bytes"]
-        assert r["ratio"] == pytest.approx(r["fp32_bytes"] / r["file_bytes"])
+        # one yardstick: the fp32 baseline's parameter bytes over this file's bytes
+        assert r["ratio"] == pytest.approx(runs["fp32"]["fp32_bytes"] / r["file_bytes"])
         assert 0.0 <= r["accuracy"] <= 100.0
         assert r["latency_b1"] > 0 and r["latency_b64"] > 0
     assert runs["fp32"]["ratio"] < 1.1 < runs["bwn"]["ratio"]
+    assert runs["thin"]["ratio_own_fp32"] < 1.1 < runs["thin"]["ratio"]  # smaller than fp32
     # The recipe's `save:` applies to every compressed run, and the file says so.
     manifest = read_info(tmp / "runs" / "slbf" / "model.cnnp")["manifest"]
     assert manifest["float_bits"] == 16 and manifest["fold_batchnorm"] is True
@@ -70,7 +73,7 @@ def test_report_holds_one_record_per_run_measured_from_its_file(compared):
     assert runs["slbf"]["init_accuracy"] is not None  # measured before fine-tuning
     assert [e for e, _ in runs["slbf"]["curve"]] == [-1, 0]
     md = (report / "results.md").read_text()
-    assert "Two epochs on synthetic data." in md and md.count("\n| ") == 4
+    assert "Two epochs on synthetic data." in md and md.count("\n| ") == 5
     assert (report / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -81,7 +84,7 @@ def test_finished_runs_are_not_trained_again(compared):
         raise AssertionError(f"trained {cfg['out']} again")
 
     result = run_comparison(recipe, train_run, measure=lambda done: [d[0] for d in done])
-    assert result["runs"] == ["fp32", "slbf", "bwn"]
+    assert result["runs"] == ["fp32", "slbf", "bwn", "thin"]
 
 
 def test_changed_settings_of_a_finished_run_are_refused(compared, tmp_path):

@@ -270,6 +270,13 @@ def measure_runs(
                 "commit": result.get("commit"),
             }
         )
+    # One yardstick for all: the fp32 baseline's parameter bytes over each file's bytes (a
+    # thinner or other architecture is compressed relative to the baseline, not to itself).
+    base = next((r for r in records if r["method"] == "fp32"), None)
+    for r in records:
+        r["ratio_own_fp32"] = r["ratio"]
+        if base is not None:
+            r["ratio"] = base["fp32_bytes"] / r["file_bytes"]
     for batch in (1, 64):
         lat = measure_latency(models, shape, batch, repeats=repeats)
         for r in records:
