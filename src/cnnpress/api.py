@@ -10,7 +10,7 @@ from torch import nn
 from cnnpress.methods import get as get_method
 from cnnpress.methods.base import config_from_dict
 
-__all__ = ["compress"]
+__all__ = ["compress", "rebuild"]
 
 
 def compress(model: nn.Module, method: str, **settings: Any) -> nn.Module:
@@ -32,3 +32,23 @@ def compress(model: nn.Module, method: str, **settings: Any) -> nn.Module:
     new = cls().convert(new, config)
     new.cnnpress_method = {"name": method, "config": config.to_dict()}
     return new
+
+
+def rebuild(arch: dict[str, Any], method: dict[str, Any] | None) -> nn.Module:
+    """The model a file or checkpoint records (architecture, method and config), with
+    placeholder values that the caller then loads.
+
+    Initialisation from weights ("auto"/"weights") is skipped: it would cluster random
+    weights that the stored values replace anyway.
+    """
+    from cnnpress.models import create
+
+    arch = dict(arch)
+    model = create(arch.pop("name", None), **arch)
+    if method:
+        config = dict(method["config"])
+        if config.get("init") in ("auto", "weights"):
+            config["init"] = "random"
+        model = compress(model, method["name"], **config)
+        model.cnnpress_method = method
+    return model

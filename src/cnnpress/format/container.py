@@ -168,16 +168,10 @@ def _parse(path: Path) -> tuple[dict[str, Any], bytes, int]:
 
 
 def _build(path: Path, manifest: dict[str, Any]) -> nn.Module:
-    from cnnpress.api import compress
-    from cnnpress.models import create
+    from cnnpress.api import rebuild
 
-    arch = dict(manifest["arch"])
-    name = arch.pop("name", None)
     try:
-        model = create(name, **arch)
-        method = manifest.get("method")
-        if method:
-            model = compress(model, method["name"], **method["config"])
+        model = rebuild(manifest["arch"], manifest.get("method"))
     except CnnpressError as err:
         raise _fail(path, f"cannot rebuild the model: {err}") from None
     except (TypeError, KeyError) as err:

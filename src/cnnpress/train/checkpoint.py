@@ -48,15 +48,9 @@ def model_meta(model: nn.Module, **extra: Any) -> dict[str, Any]:
 
 def build_model(meta: dict[str, Any]) -> nn.Module:
     """A fresh model of the recorded architecture with the recorded method applied."""
-    from cnnpress.api import compress
-    from cnnpress.models import create
+    from cnnpress.api import rebuild
 
-    arch = dict(meta["arch"])
-    model = create(arch.pop("name"), **arch)
-    method = meta.get("method")
-    if method:
-        model = compress(model, method["name"], **method["config"])
-    return model
+    return rebuild(meta["arch"], meta.get("method"))
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
