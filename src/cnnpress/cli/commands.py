@@ -35,7 +35,6 @@ from cnnpress.train.distributed import (
 from cnnpress.train.loop import PLAIN, evaluate, fit
 
 __all__ = [
-    "cmd_compare",
     "cmd_compress",
     "cmd_evaluate",
     "cmd_export",
@@ -492,68 +491,6 @@ def cmd_train(args: argparse.Namespace, console: Console, err: Console) -> dict:
 def cmd_compress(args: argparse.Namespace, console: Console, err: Console) -> dict:
     """``cnnpress compress``: convert with a method, then train (from scratch or --init)."""
     return _run(args, console, err, with_method=True)
-
-
-def cmd_compare(args: argparse.Namespace, console: Console, err: Console) -> dict:
-    """``cnnpress compare``: train the recipe's missing runs, then measure and report all."""
-    from cnnpress.compare import measure_runs, run_comparison, write_report
-
-    _set_threads(args.threads)
-    ctx = DistContext()  # one process; run shares of the recipe side by side with --runs
-
-    def train_run(cfg: dict[str, Any]) -> dict:
-        cfg = {**cfg, "train": TrainConfig.from_dict(cfg["train"]).to_dict()}
-        cfg.setdefault("method_config", {})
-        out = Path(cfg["out"])
-        err.print(f"[bold]{out.name}[/bold]: training in {out}")
-        if (out / "config.yaml").is_file():  # started before: resume it
-            ns = argparse.Namespace(out=str(out), recipe=None, data_dir=cfg.get("data_dir"))
-            cfg, resume, changed = _resume_config(ns, ctx, err)
-            record = train_config(
-                cfg, console, err, ctx, new=False, resume=resume, changed=changed, quiet=True
-            )
-        else:
-            record = train_config(cfg, console, err, ctx, quiet=True)
-        assert record is not None  # one process: this is rank 0
-        return record
-
-    only = {x.strip() for x in args.runs.split(",") if x.strip()} if args.runs else None
-    result = run_comparison(
-        args.recipe, train_run, None if args.train_only else measure_runs, only=only
-    )
-    if args.train_only:
-        console.print(f"trained: {', '.join(result['trained']) or 'nothing'}", **PLAIN)
-        if result["missing"]:
-            console.print(f"not finished: {', '.join(result['missing'])}", **PLAIN)
-        return result
-    result["provenance"] = provenance()
-    paths = write_report(result, args.report or result["out"])
-    if not args.json:
-        _print_comparison(console, result["runs"])
-        console.print("wrote " + ", ".join(str(p) for p in paths.values()), **PLAIN)
-    return result
-
-
-def _print_comparison(console: Console, runs: list[dict[str, Any]]) -> None:
-    base = next((r["accuracy"] for r in runs if r["method"] == "fp32"), None)
-    t = Table(title="comparison: test accuracy and file size (.cnnp), CPU latency")
-    cols = ("run", "start", "epochs", "test acc.", "vs fp32", "file bytes", "ratio", "b=1", "b=64")
-    for col in cols:
-        t.add_column(col, justify="left" if col in ("run", "start") else "right")
-    for r in runs:
-        delta = f"{r['accuracy'] - base:+.2f}" if base is not None else "-"
-        t.add_row(
-            r["run"],
-            r.get("start", ""),
-            str(r.get("epochs")),
-            f"{r['accuracy']:.2f}%",
-            delta,
-            f"{r['file_bytes']:,}",
-            f"{r['ratio']:.1f}x",
-            f"{1e3 * r['latency_b1']:.2f} ms",
-            f"{1e3 * r['latency_b64']:.1f} ms",
-        )
-    console.print(t)
 
 
 def cmd_evaluate(args: argparse.Namespace, console: Console, err: Console) -> dict:

@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     (full disk, permissions, read-only file system, missing path); anything else is a bug
     and keeps its traceback.
     """
-    from cnnpress.cli import commands
+    from cnnpress.cli import commands, compare
 
     try:
         args = build_parser().parse_args(argv)
@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     console = Console() if sys.stdout.isatty() else Console(width=200)
     err = Console(stderr=True)
     try:
-        result = getattr(commands, f"cmd_{args.command}")(args, console, err)
+        where = compare if args.command == "compare" else commands
+        result = getattr(where, f"cmd_{args.command}")(args, console, err)
     except CnnpressError as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return _fail(message)
