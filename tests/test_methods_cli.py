@@ -62,3 +62,46 @@ def test_method_end_to_end_on_fashion_mnist(tmp_path, capsys, method):
     )
     result = _compress(tmp_path, capsys, method, recipe)
     assert result["data"] == "fashion-mnist" and 0.0 <= result["test_accuracy"] <= 100.0
+
+
+def test_network_slimming_pipeline_through_the_cli(tmp_path, capsys):
+    # sparsity training (--slimming-l1) shrinks the BatchNorm scales; filter_prune with one
+    # global threshold on them (--set ...) then removes the channels
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "model: resnet20\nmodel_args: {width: 8}\ndata: synthetic\n"
+        "data_options: {num_samples: 128}\ntrain: {epochs: 1, batch_size: 32, lr: 0.05}\n"
+    )
+    base = ["--recipe", str(recipe), "--threads", "1", "--json"]
+
+    def gamma_sum(run: Path) -> float:
+        net = cnnpress.load(run / "model.cnnp")
+        return sum(m.weight.abs().sum().item() for m in net.modules() if hasattr(m, "running_var"))
+
+    for name, extra in (("plain", []), ("slim", ["--slimming-l1", "2.0"])):
+        assert main(["train", *base, "--out", str(tmp_path / name), *extra]) == 0
+        capsys.readouterr()
+    assert gamma_sum(tmp_path / "slim") < 0.8 * gamma_sum(tmp_path / "plain")
+    settings = ["--set", "criterion=bn", "--set", "scope=global", "--set", "ratio=0.5"]
+    out = str(tmp_path / "pruned")
+    code = main(["compress", *base, "--method", "filter_prune", "--init",
+                 str(tmp_path / "slim"), *settings, "--out", out])  # fmt: skip
+    printed, err = capsys.readouterr()
+    assert code == 0, err
+    config = cnnpress.load(Path(out) / "model.cnnp").cnnpress_method["config"]
+    assert (config["criterion"], config["scope"], config["ratio"]) == ("bn", "global", 0.5)
+    total = 3 * (8 + 16 + 32)  # the width-8 ResNet-20's block-internal channels
+    assert sum(config["channels"].values()) >= total - round(0.5 * total)
+    assert json.loads(printed)["ratio_payload"] > 1.0
+    code = main(["compress", "--method", "filter_prune", "--resume", "--out", out,
+                 "--set", "ratio=0.3"])  # fmt: skip
+    _, err = capsys.readouterr()
+    assert code == 2 and "cannot change on --resume" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("bad", ["ratio", "=0.5", "ratio=[0.5"])
+def test_set_needs_key_equals_yaml_value(tmp_path, capsys, bad):
+    code = main(["compress", "--model", "lenet5", "--data", "synthetic", "--method", "bwn",
+                 "--set", bad, "--out", str(tmp_path / "r")])  # fmt: skip
+    _, err = capsys.readouterr()
+    assert code == 2 and "--set" in err and len(err.strip().splitlines()) == 1

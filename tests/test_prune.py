@@ -15,10 +15,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 import cnnpress
-import cnnpress.methods.prune  # noqa: F401  (registers magnitude_prune and filter_prune)
+import cnnpress.methods.prune  # noqa: F401  (registers magnitude_prune)
 from cnnpress.errors import ConfigError
 from cnnpress.format import read_info
-from cnnpress.methods.prune import MaskedLayer, cubic_sparsity, prunable_channels
+from cnnpress.methods.filter_prune import prunable_channels
+from cnnpress.methods.prune import MaskedLayer, cubic_sparsity
 from cnnpress.methods.sparse import (
     decode_positions,
     describe_mask,
@@ -266,6 +267,38 @@ def test_slimming_regulariser():
     assert method.regulariser(cnnpress.compress(resnet(), "filter_prune")) is None
 
 
+def test_global_slimming_threshold_removes_the_smallest_gammas_over_all_layers():
+    net = resnet()
+    groups = prunable_channels(net)
+    with torch.no_grad():  # stage 1's gammas small: a global threshold takes most of them there
+        for name in groups:
+            bn = net.get_submodule(name.replace("conv1", "bn1"))
+            bn.weight.mul_(0.01 if name.startswith("layer1") else 1.0)
+    gammas = {n: net.get_submodule(n.replace("conv1", "bn1")).weight.abs() for n in groups}
+    total = sum(g.numel() for g in gammas.values())
+    pruned = cnnpress.compress(net, "filter_prune", ratio=0.3, criterion="bn", scope="global")
+    kept = pruned.cnnpress_method["config"]["channels"]
+    threshold = torch.cat(list(gammas.values())).sort().values[round(0.3 * total)]
+    above = {name: int((g >= threshold).sum()) for name, g in gammas.items()}
+    assert sum(above.values()) == total - round(0.3 * total)
+    assert kept == {name: max(1, count) for name, count in above.items()}
+    assert max(kept[f"layer1.{b}.conv1"] for b in range(3)) < 8 / 2  # stage 1 hit hardest
+    layer_scope = cnnpress.compress(net, "filter_prune", ratio=0.3, criterion="bn")
+    assert set(layer_scope.cnnpress_method["config"]["channels"].values()) == {6, 11, 22}
+
+
+def test_global_l1_compares_filters_of_different_sizes_by_their_mean():
+    net = resnet()
+    pruned = cnnpress.compress(net, "filter_prune", ratio=0.5, scope="global")
+    kept = pruned.cnnpress_method["config"]["channels"]
+    means = torch.cat(
+        [net.get_submodule(n).weight.detach().abs().mean((1, 2, 3)) for n in sorted(kept)]
+    )
+    assert sum(kept.values()) == means.numel() - round(0.5 * means.numel())
+    rebuilt = cnnpress.compress(resnet(), "filter_prune", **pruned.cnnpress_method["config"])
+    assert [p.shape for p in rebuilt.parameters()] == [p.shape for p in pruned.parameters()]
+
+
 class Residual(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -282,6 +315,8 @@ class Residual(nn.Module):
         (resnet, {"ratio": 1.0}, "ratio"),
         (resnet, {"criterion": "l3"}, "criterion"),
         (resnet, {"slimming_l1": -1.0}, "slimming_l1"),
+        (resnet, {"scope": "all"}, "scope"),
+        (resnet, {"scope": "global", "layers": {"layer1.0.conv1": {"ratio": 0.1}}}, "scope"),
         (resnet, {"channels": {"layer1.0.conv1": 0}}, "channels"),
         (resnet, {"channels": {"layer1.0.conv2": 4}}, "not a prunable conv"),
         (resnet, {"layers": {"layer1.0.conv2": {"ratio": 0.5}}}, "cannot be removed"),

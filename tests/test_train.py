@@ -9,6 +9,7 @@ import torch
 
 import cnnpress
 from cnnpress.data import Loader, load_dataset
+from cnnpress.errors import ConfigError
 from cnnpress.train.checkpoint import CheckpointError, load_model
 from cnnpress.train.config import TrainConfig
 from cnnpress.train.loop import fit, lr_at, recalibrate_batchnorm
@@ -133,3 +134,8 @@ def test_kd_loss_is_hintons_formula():
     want = (1 - a) * torch.nn.functional.cross_entropy(s, y) + a * T * T * kl
     torch.testing.assert_close(kd_loss(s, t, y, T, a), want)
     assert kd_loss(t, t, y, T, 1.0).abs() < 1e-6  # a student equal to its teacher
+
+
+def test_slimming_l1_must_not_be_negative():
+    with pytest.raises(ConfigError, match="slimming_l1"):
+        TrainConfig(slimming_l1=-0.1)

@@ -45,7 +45,16 @@ __all__ = [
     "train_config",
 ]
 
-_TRAIN_FLAGS = ("epochs", "batch_size", "lr", "optimizer", "weight_decay", "bn_recalibrate", "seed")
+_TRAIN_FLAGS = (
+    "epochs",
+    "batch_size",
+    "lr",
+    "optimizer",
+    "weight_decay",
+    "bn_recalibrate",
+    "slimming_l1",
+    "seed",
+)
 _METHOD_FLAGS = {
     "slice_channels": "slice_channels",
     "num_filters": "num_filters",
@@ -81,6 +90,20 @@ def _read_recipe(path: str) -> dict[str, Any]:
     return recipe
 
 
+def _parse_settings(items: list[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` pairs as a dict, each value read as YAML (``0.5``, ``bn``, ``true``)."""
+    settings: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set takes KEY=VALUE (e.g. --set ratio=0.5), got {item!r}")
+        try:
+            settings[key.strip()] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML") from None
+    return settings
+
+
 def resolve_config(args: argparse.Namespace, with_method: bool) -> dict[str, Any]:
     """Recipe values overridden by the flags that were given: the run's full settings."""
     cfg = _read_recipe(args.recipe) if args.recipe else {}
@@ -110,11 +133,11 @@ def resolve_config(args: argparse.Namespace, with_method: bool) -> dict[str, Any
         if getattr(args, key, None) is not None:
             train[key] = getattr(args, key)
     cfg["train"] = TrainConfig.from_dict(train).to_dict()
+    if getattr(args, "init", None) is not None:
+        cfg["init"] = args.init
     if with_method:
         if args.method is not None:
             cfg["method"] = args.method
-        if args.init is not None:
-            cfg["init"] = args.init
         kd = dict(cfg.get("distill") or {})
         for flag, key in (
             ("teacher", "teacher"),
@@ -136,6 +159,7 @@ def resolve_config(args: argparse.Namespace, with_method: bool) -> dict[str, Any
                 raise ConfigError("--kd-temperature/--kd-alpha need --teacher FILE")
             cfg["distill"] = {"temperature": 4.0, "alpha": 0.9, **kd}
         mc = dict(cfg.get("method_config") or {})
+        mc.update(_parse_settings(getattr(args, "set", None) or []))
         for flag, key in _METHOD_FLAGS.items():
             if getattr(args, flag, None) is not None:
                 mc[key] = getattr(args, flag)
@@ -189,6 +213,7 @@ _RESUME_FIXED = (
     ("model", ("model",)),
     ("data", ("data",)),
     ("batch_size", ("train", "batch_size")),
+    ("slimming_l1", ("train", "slimming_l1")),
     ("optimizer", ("train", "optimizer")),
     ("seed", ("train", "seed")),
     ("method", ("method",)),
@@ -248,6 +273,13 @@ def _resume_config(
             raise CnnpressError(
                 f"{name} {given} differs from the run's {have!r} and cannot change on --resume; "
                 "drop it, or start a new run with another --out"
+            )
+    for key, given in _parse_settings(getattr(args, "set", None) or []).items():
+        have = (cfg.get("method_config") or {}).get(key)
+        if given != have:
+            raise CnnpressError(
+                f"--set {key}={given} differs from the run's {have!r} and cannot change on "
+                "--resume; drop it, or start a new run with another --out"
             )
     cfg["out"] = str(out)
     if args.data_dir is not None:

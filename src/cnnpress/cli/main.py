@@ -23,12 +23,21 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="dataset: fashion-mnist, mnist, cifar10 or synthetic")
     p.add_argument("--data-dir", help="folder with the dataset files")
     p.add_argument("--out", help="run folder (default runs/<model>-<method>)")
+    p.add_argument(
+        "--init",
+        help="start from trained fp32 weights (a run folder, model file or pretrained:NAME)",
+    )
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--optimizer", choices=["sgd", "adam"])
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--bn-recalibrate", type=int, help="batches to re-estimate BN stats before eval")
+    p.add_argument(
+        "--slimming-l1",
+        type=float,
+        help="L1 penalty on BatchNorm scales (network slimming's sparsity training)",
+    )
     p.add_argument("--seed", type=int)
     p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -63,7 +72,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compress", help="compress a model with a method and train it")
     _train_options(p)
     p.add_argument("--method", help="compression method (see `cnnpress.methods.names()`)")
-    p.add_argument("--init", help="start from trained weights (a run folder or model file)")
     p.add_argument("--slice-channels", type=int, help="SLBF slice width d")
     p.add_argument("--num-filters", type=int, help="SLBF bank size m")
     p.add_argument(
@@ -71,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--target-ratio", type=float, help="SLBF: budget as fp32 bytes / file bytes, e.g. 100"
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any method setting, e.g. --set ratio=0.5 --set criterion=bn (value read as YAML)",
     )
     p.add_argument("--float16", action="store_true", help="store unpacked floats as float16")
     p.add_argument(
@@ -82,9 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", help="distil from this trained model (.cnnp or run folder)")
     p.add_argument("--kd-temperature", type=float, help="distillation temperature T (4)")
     p.add_argument("--kd-alpha", type=float, help="weight of the soft-target loss (0.9)")
-    p.add_argument(
-        "--no-kd", action="store_true", help="SLBF with --init: no distillation from it"
-    )
+    p.add_argument("--no-kd", action="store_true", help="SLBF with --init: no distillation from it")
 
     p = sub.add_parser("evaluate", help="test accuracy of a trained model")
     p.add_argument("model_file", help="model.cnnp file or run folder")

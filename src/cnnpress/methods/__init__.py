@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from torch import nn
 
-from cnnpress.methods import binary, kmeans, lowrank, pq, prune, slbf  # noqa: F401  (register them)
+from cnnpress.methods import (  # noqa: F401  (register them)
+    binary,
+    filter_prune,
+    kmeans,
+    lowrank,
+    pq,
+    prune,
+    slbf,
+)
 from cnnpress.methods.base import METHODS, LayerCost, Method, MethodConfig
 
 __all__ = ["LayerCost", "Method", "MethodConfig", "get", "method_for", "names"]

@@ -39,6 +39,7 @@ __all__ = [
     "decode_positions",
     "describe_mask",
     "encode_positions",
+    "is_fraction",
     "keep_largest",
     "layer_settings",
     "placeholder_mask",
@@ -308,6 +309,11 @@ def recorded_layouts(model: nn.Module) -> dict[str, list[int]]:
         for name, m in model.named_modules()
         if isinstance(m, SparseLayer) and m.record is not None
     }
+
+
+def is_fraction(value: Any) -> bool:
+    """Whether ``value`` is a number (not a bool) in [0, 1)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1
 
 
 def layer_settings(cls: type, config: Any, overrides: dict[str, Any], allowed: set[str]) -> Any:

@@ -26,6 +26,10 @@ class TrainConfig:
         label_smoothing: Cross-entropy label smoothing.
         bn_recalibrate: Batches used to re-estimate BatchNorm statistics before each
             evaluation (0 = off). Useful where selections flip and running statistics lag.
+        slimming_l1: When > 0, ``slimming_l1 * sum |gamma|`` over every BatchNorm scale is
+            added to the loss: network slimming's sparsity training (Liu et al., ICCV 2017),
+            whose small scales ``filter_prune`` with ``criterion="bn", scope="global"`` then
+            removes.
         seed: Seed of initialisation, data order and augmentation.
         eval_every: Evaluate on the test split every this many epochs (and at the end).
     """
@@ -39,6 +43,7 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
     bn_recalibrate: int = 0
+    slimming_l1: float = 0.0
     seed: int = 0
     eval_every: int = 1
 
@@ -51,7 +56,7 @@ class TrainConfig:
             raise ConfigError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
         if not self.lr > 0:
             raise ConfigError(f"lr must be positive, got {self.lr!r}")
-        for name in ("momentum", "weight_decay", "warmup_epochs", "label_smoothing"):
+        for name in ("momentum", "weight_decay", "warmup_epochs", "label_smoothing", "slimming_l1"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)!r}")
         if self.bn_recalibrate < 0 or self.eval_every < 1:

@@ -24,6 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from cnnpress.errors import CnnpressError
+from cnnpress.methods.filter_prune import slimming_penalty
 from cnnpress.train.atomic import atomic_write_text, remove_stale_temps
 from cnnpress.train.checkpoint import load_checkpoint, save_checkpoint
 from cnnpress.train.config import TrainConfig
@@ -229,6 +230,8 @@ def fit(
                         reg = method.regulariser(model)
                         if reg is not None:
                             loss = loss + reg
+                    if cfg.slimming_l1:
+                        loss = loss + slimming_penalty(model, cfg.slimming_l1)
                     finite = bool(torch.isfinite(loss))
                     if any_rank(not finite, ctx):
                         raise _non_finite(
