@@ -231,6 +231,19 @@ def test_file_commands_summary_predict_export(tmp_path, capsys):
     Image.fromarray(test.images[0, 0].numpy()).save(tmp_path / "one.png")
     code, out, _ = run(capsys, "predict", model_file, str(tmp_path / "one.png"), "--json")
     assert code == 0 and json.loads(out)["predictions"][0]["label"] == preds[0]["label"]
+    folder = tmp_path / "pngs"  # several inputs, a folder read in name order
+    folder.mkdir()
+    for i in (2, 0, 1):
+        Image.fromarray(test.images[i, 0].numpy()).save(folder / f"img{i}.png")
+    npy = str(tmp_path / "x.npy")
+    code, out, _ = run(capsys, "predict", model_file, str(folder), npy, "--json")
+    many = json.loads(out)["predictions"]
+    assert code == 0 and [p["label"] for p in many] == [p["label"] for p in preds[:3] + preds]
+    assert [p["file"].rsplit("/", 1)[-1] for p in many[:3]] == ["img0.png", "img1.png", "img2.png"]
+    assert [p["index_in_file"] for p in many[3:]] == list(range(5))
+    (tmp_path / "empty").mkdir()
+    code, _, err = run(capsys, "predict", model_file, str(tmp_path / "empty"))
+    assert code == 2 and "no .png" in err and len(err.strip().splitlines()) == 1
     Image.fromarray(np.zeros((20, 20), np.uint8)).save(tmp_path / "big.png")
     code, _, err = run(capsys, "predict", model_file, str(tmp_path / "big.png"))
     assert code == 2 and "1x16x16" in err and len(err.strip().splitlines()) == 1

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -579,29 +580,42 @@ def cmd_summary(args: argparse.Namespace, console: Console, err: Console) -> dic
 
 
 def cmd_predict(args: argparse.Namespace, console: Console, err: Console) -> dict:
-    """``cnnpress predict``: classes of the images in a file, from the model file alone."""
-    from cnnpress.cli.predict import read_images
+    """``cnnpress predict``: classes of the images in files or folders, from the model file."""
+    from cnnpress.cli.predict import read_inputs
 
     model, meta = load_model(args.model_file)
     spec = _dataset_of(meta, args.model_file)
-    x = read_images(args.input, spec)
+    x, sources = read_inputs(args.input, spec)
     with torch.no_grad():
-        probs = torch.softmax(model(x), dim=1)
+        probs = torch.cat([torch.softmax(model(b), dim=1) for b in x.split(256)])
     conf, cls = probs.max(dim=1)
     preds = [
-        {"index": i, "class": spec.class_names[c], "label": int(c), "probability": float(p)}
-        for i, (c, p) in enumerate(zip(cls.tolist(), conf.tolist(), strict=True))
+        {
+            "index": i,
+            "file": file,
+            "index_in_file": j,
+            "class": spec.class_names[c],
+            "label": int(c),
+            "probability": float(p),
+        }
+        for i, ((file, j), c, p) in enumerate(
+            zip(sources, cls.tolist(), conf.tolist(), strict=True)
+        )
     ]
     if not args.json:
         t = Table(title=f"predictions of {args.model_file}")
-        for col in ("image", "class", "probability"):
-            t.add_column(col, justify="right" if col != "class" else "left")
+        for col in ("image", "file", "class", "probability"):
+            t.add_column(col, justify="left" if col in ("file", "class") else "right")
+        per_file = Counter(file for file, _ in sources)
         for p in preds[: args.limit]:
-            t.add_row(str(p["index"]), p["class"], f"{p['probability']:.3f}")
+            where = p["file"]
+            if per_file[where] > 1:
+                where += f"[{p['index_in_file']}]"
+            t.add_row(str(p["index"]), where, p["class"], f"{p['probability']:.3f}")
         console.print(t)
         if len(preds) > args.limit:
             console.print(f"... {len(preds) - args.limit} more (use --json for all)")
-    return {"model_file": args.model_file, "input": args.input, "predictions": preds}
+    return {"model_file": args.model_file, "inputs": args.input, "predictions": preds}
 
 
 def cmd_export(args: argparse.Namespace, console: Console, err: Console) -> dict:

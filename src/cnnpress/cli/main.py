@@ -114,7 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="classify images (IDX, .npy or PNG) with a model file")
     p.add_argument("model_file", help="model.cnnp file or run folder")
-    p.add_argument("input", help="images: IDX (N x H x W), .npy (N, [C,] H, W) or one PNG")
+    p.add_argument(
+        "input",
+        nargs="+",
+        help="images: IDX (N x H x W), .npy (N, [C,] H, W), PNG files, or folders of PNGs",
+    )
     p.add_argument("--limit", type=int, default=20, help="rows to print")
     p.add_argument("--json", action="store_true")
 

@@ -1,4 +1,5 @@
-"""Read images for ``cnnpress predict``: IDX, .npy or PNG, checked against the model's input."""
+"""Read images for ``cnnpress predict``: IDX, .npy, PNG files or folders of PNGs, checked
+against the model's input."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from cnnpress.data import DatasetSpec, normalize
 from cnnpress.data.idx import read_idx
 from cnnpress.errors import CnnpressError
 
-__all__ = ["read_images"]
+__all__ = ["read_images", "read_inputs"]
 
 
 def _as_nchw(arr: np.ndarray, spec: DatasetSpec, path: Path) -> np.ndarray:
@@ -68,3 +69,28 @@ def read_images(path: str | Path, spec: DatasetSpec) -> torch.Tensor:
         arr = read_idx(path)
     images = torch.from_numpy(np.array(_as_nchw(arr, spec, path), dtype=np.uint8))
     return normalize(images, spec.mean, spec.std)
+
+
+def read_inputs(
+    paths: list[str | Path], spec: DatasetSpec
+) -> tuple[torch.Tensor, list[tuple[str, int]]]:
+    """Every image of ``paths`` (files, or folders whose ``*.png`` are read in name order).
+
+    Returns:
+        The normalised images (N, C, H, W) and, per image, its file and index in that file.
+    """
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            pngs = sorted(p for p in path.iterdir() if p.suffix.lower() == ".png")
+            if not pngs:
+                raise CnnpressError(f"{path}: a folder with no .png images")
+            files += pngs
+        else:
+            files.append(path)
+    batches, sources = [], []
+    for path in files:
+        images = read_images(path, spec)
+        batches.append(images)
+        sources += [(str(path), i) for i in range(len(images))]
+    return torch.cat(batches), sources
