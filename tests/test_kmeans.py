@@ -1,5 +1,6 @@
-"""k-means weight sharing: linear-init Lloyd clustering, every weight a centroid, summed centroid
-gradients, the prune-then-quantize pipeline, the .cnnp file at its reported cost, the recipe."""
+"""k-means weight sharing: linear-init Lloyd clustering, every weight a centroid, mean or summed
+centroid gradients, the prune-then-quantize pipeline, the .cnnp file at its reported cost, the
+recipe."""
 
 from __future__ import annotations
 
@@ -79,10 +80,10 @@ def test_pruning_keeps_the_largest_weights_and_clusters_only_them():
     assert layer.centroids.min() >= kept.min() and layer.centroids.max() <= kept.max()
 
 
-@pytest.mark.parametrize("sparsity", [0.0, 0.6])
-def test_centroid_gradient_is_the_mean_of_its_members(sparsity):
+@pytest.mark.parametrize(("sparsity", "rule"), [(0.0, "mean"), (0.6, "mean"), (0.6, "sum")])
+def test_centroid_gradient_is_the_mean_or_sum_of_its_members(sparsity, rule):
     torch.manual_seed(1)
-    net = cnnpress.compress(resnet(), "kmeans", bits=2, sparsity=sparsity)
+    net = cnnpress.compress(resnet(), "kmeans", bits=2, sparsity=sparsity, centroid_grad=rule)
     layer = net.layer2[1].conv1
     weights = {}
     original = layer.dense_weight
@@ -98,7 +99,8 @@ def test_centroid_gradient_is_the_mean_of_its_members(sparsity):
     members = layer.mask if layer.mask is not None else torch.ones_like(layer.index, dtype=bool)
     for j in range(4):
         chosen = (layer.index == j) & members
-        want = weights["w"].grad[chosen].mean()
+        grads = weights["w"].grad[chosen]
+        want = grads.mean() if rule == "mean" else grads.sum()
         torch.testing.assert_close(layer.centroids.grad[j], want, rtol=1e-5, atol=1e-6)
 
 
@@ -112,6 +114,7 @@ def test_centroid_gradient_is_the_mean_of_its_members(sparsity):
         {"sparsity": 1.0},
         {"sparsity": -0.5},
         {"iterations": -1},
+        {"centroid_grad": "max"},
         {"clusters": 16},
         {"layers": {"layer1.*": {"include_linear": True}}},
         {"sparse_layout": {"layer1.0.conv1": [5, 2, 3]}},

@@ -7,9 +7,10 @@ Each layer's weights are clustered into ``k = 2**bits`` values: centroids start 
 between the smallest and largest weight (the paper's linear initialisation) and a few Lloyd
 iterations follow. The layer then holds the codebook ``c`` (a Parameter of ``k`` values) and
 the index ``I`` (a buffer); it computes with ``W = c[I]`` (times the mask ``M`` when pruned), so
-the gradient of centroid ``j`` is the mean of the gradients of its members,
-``dL/dc_j = mean_{I(p) = j} dL/dW_p`` (the paper sums them; the mean is the same direction
-with a step that does not grow with the cluster, see ``cnnpress.quantizers.mean_gather``).
+the gradient of centroid ``j`` is by default the mean of the gradients of its members,
+``dL/dc_j = mean_{I(p) = j} dL/dW_p``. The paper sums them (``centroid_grad="sum"``); the
+mean is the same direction with a step that does not grow with the cluster, see
+``cnnpress.quantizers.mean_gather`` for what the sum did at usual fine-tuning rates.
 
 With ``sparsity > 0`` the layer is first magnitude-pruned to that fraction of zeros and only the
 kept weights are clustered; zeros stay exactly zero and are not stored (prune, then quantize:
@@ -99,17 +100,23 @@ class KMeansLayer(SparseLayer):
             :meth:`cluster`).
         bits: Index width; the codebook has ``2**bits`` entries.
         sparse: Hold a mask (pruned weights are exactly zero and not stored).
+        centroid_grad: ``"mean"`` or ``"sum"`` of the members' gradients per centroid.
     """
 
-    def __init__(self, source: nn.Conv2d | nn.Linear, bits: int, sparse: bool) -> None:
+    def __init__(
+        self, source: nn.Conv2d | nn.Linear, bits: int, sparse: bool, centroid_grad: str = "mean"
+    ) -> None:
         super().__init__(source, sparse)
-        self.bits = bits
+        self.bits, self.centroid_grad = bits, centroid_grad
         dev, dtype = source.weight.device, source.weight.dtype
         self.centroids = nn.Parameter(torch.zeros(2**bits, device=dev, dtype=dtype))
         self.register_buffer("index", torch.zeros(self.weight_shape, dtype=torch.long, device=dev))
 
     def dense_weight(self) -> torch.Tensor:
-        w = mean_gather(self.centroids, self.index, self.mask)
+        if self.centroid_grad == "sum":  # autograd sums over the weights sharing a value
+            w = self.centroids[self.index]
+        else:
+            w = mean_gather(self.centroids, self.index, self.mask)
         return w * self.mask if self.mask is not None else w
 
     def indices(self) -> torch.Tensor:
@@ -135,7 +142,10 @@ class KMeansLayer(SparseLayer):
         self.index.copy_(flat.view(self.weight_shape))
 
     def extra_repr(self) -> str:
-        return f"weight={tuple(self.weight_shape)}, bits={self.bits}, record={self.record}"
+        return (
+            f"weight={tuple(self.weight_shape)}, bits={self.bits}, record={self.record}, "
+            f"centroid_grad={self.centroid_grad}"
+        )
 
 
 @dataclass(frozen=True)
@@ -146,6 +156,9 @@ class KMeansConfig(MethodConfig):
         bits: Index width; ``2**bits`` shared values per layer (1 to 16).
         sparsity: Fraction of weights pruned by magnitude before clustering, in [0, 1).
         iterations: Lloyd iterations at conversion.
+        centroid_grad: A centroid's gradient: the ``"mean"`` of its members' (default) or
+            their ``"sum"`` (the paper's rule; it needs a learning rate about the cluster size
+            smaller).
         sparse_layout: ``{layer: [nonzeros, bits, entries]}`` of the pruned layers, filled by
             ``resolve``.
     """
@@ -153,6 +166,7 @@ class KMeansConfig(MethodConfig):
     bits: int = 4
     sparsity: float = 0.0
     iterations: int = 10
+    centroid_grad: str = "mean"
     sparse_layout: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -166,6 +180,8 @@ class KMeansConfig(MethodConfig):
             raise ConfigError(f"sparsity must be a number in [0, 1), got {self.sparsity!r}")
         if not isinstance(self.iterations, int) or self.iterations < 0:
             raise ConfigError(f"iterations must be a non-negative integer, got {self.iterations!r}")
+        if self.centroid_grad not in ("mean", "sum"):
+            raise ConfigError(f"centroid_grad must be 'mean' or 'sum', got {self.centroid_grad!r}")
         check_sparse_layout(self.sparse_layout)
 
 
@@ -186,7 +202,7 @@ class KMeans(Method):
         sparse_names = set()
         for name, module, overrides in select_layers(model, config):
             s = layer_settings(KMeansConfig, config, overrides, {"bits", "sparsity", "iterations"})
-            new = KMeansLayer(module, s.bits, s.sparsity > 0)
+            new = KMeansLayer(module, s.bits, s.sparsity > 0, config.centroid_grad)
             weight = module.weight.detach()
             if new.mask is not None:
                 sparse_names.add(name)
