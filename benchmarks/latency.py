@@ -281,7 +281,7 @@ def main() -> None:
     result = {
         **provenance([sys.argv[0], *sys.argv[1:]]),
         "command": "python " + " ".join(sys.argv),
-        "kernel": info,
+        "kernel": {k: v for k, v in info.items() if k != "build_directory"},  # a local path
         "load_average_before": os.getloadavg(),
         "settings": {
             "ratio_n_over_m": args.ratio,
