@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 import cnnpress
-from cnnpress.cli import commands
+from cnnpress.cli import commands, files
 from cnnpress.cli.main import main
 from cnnpress.data import Loader, load_dataset
 from cnnpress.data.idx import write_idx
@@ -342,7 +342,7 @@ def test_programming_errors_keep_their_traceback(monkeypatch, lenet_run):
     def broken(*args):
         raise OSError(errno.EBADF, "Bad file descriptor")
 
-    monkeypatch.setattr(commands, "cmd_summary", broken)
+    monkeypatch.setattr(files, "cmd_summary", broken)
     with pytest.raises(OSError, match="Bad file descriptor"):
         main(["summary", str(lenet_run)])
 

@@ -1,4 +1,8 @@
-"""What each subcommand does; ``main`` handles parsing and errors."""
+"""The training subcommands (``train``, ``compress``); ``main`` handles parsing and errors.
+
+The commands that read a model file are in :mod:`cnnpress.cli.files`, ``compare`` in
+:mod:`cnnpress.cli.compare`.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,6 @@ import argparse
 import json
 import os
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +21,7 @@ from rich.table import Table
 from cnnpress import models
 from cnnpress.api import compress
 from cnnpress.cost import summary
-from cnnpress.data import DatasetSpec, Loader, get_spec, load_dataset
+from cnnpress.data import DatasetSpec, Loader, load_dataset
 from cnnpress.errors import CnnpressError, ConfigError
 from cnnpress.format import read_info
 from cnnpress.methods import get as get_method
@@ -35,16 +38,7 @@ from cnnpress.train.distributed import (
 )
 from cnnpress.train.loop import PLAIN, evaluate, fit
 
-__all__ = [
-    "cmd_compress",
-    "cmd_evaluate",
-    "cmd_export",
-    "cmd_predict",
-    "cmd_summary",
-    "cmd_train",
-    "resolve_config",
-    "train_config",
-]
+__all__ = ["cmd_compress", "cmd_train", "resolve_config", "train_config"]
 
 _TRAIN_FLAGS = (
     "epochs",
@@ -276,11 +270,12 @@ def _resume_config(
                 "drop it, or start a new run with another --out"
             )
     for key, given in _parse_settings(getattr(args, "set", None) or []).items():
-        have = (cfg.get("method_config") or {}).get(key)
-        if given != have:
+        recorded = cfg.get("method_config") or {}
+        if key not in recorded or given != recorded[key]:
+            have = repr(recorded[key]) if key in recorded else "default"
             raise CnnpressError(
-                f"--set {key}={given} differs from the run's {have!r} and cannot change on "
-                "--resume; drop it, or start a new run with another --out"
+                f"--set {key}={given} differs from the run's {key} ({have}) and cannot change "
+                "on --resume; drop it, or start a new run with another --out"
             )
     cfg["out"] = str(out)
     if args.data_dir is not None:
@@ -524,113 +519,3 @@ def cmd_train(args: argparse.Namespace, console: Console, err: Console) -> dict:
 def cmd_compress(args: argparse.Namespace, console: Console, err: Console) -> dict:
     """``cnnpress compress``: convert with a method, then train (from scratch or --init)."""
     return _run(args, console, err, with_method=True)
-
-
-def cmd_evaluate(args: argparse.Namespace, console: Console, err: Console) -> dict:
-    """``cnnpress evaluate``: test accuracy of a saved model."""
-    _set_threads(args.threads)
-    model, meta = load_model(args.model_file)
-    spec = DatasetSpec.from_dict(meta["dataset"])
-    name = args.data or spec.name
-    if get_spec(name).in_channels != spec.in_channels:
-        raise CnnpressError(
-            f"{args.model_file} takes {spec.in_channels}-channel images, {name} "
-            f"has {get_spec(name).in_channels}"
-        )
-    test = load_dataset(name, "test", args.data_dir)
-    metrics = evaluate(model, Loader(test, args.batch_size, train=False))
-    result = {"model_file": args.model_file, "data": name, "samples": len(test), **metrics}
-    if not args.json:
-        console.print(
-            f"{name} test accuracy {metrics['accuracy']:.2f}% "
-            f"(loss {metrics['loss']:.4f}, {len(test)} images)"
-        )
-    return result
-
-
-def _dataset_of(meta: dict[str, Any], path: str) -> DatasetSpec:
-    if not meta.get("dataset"):
-        raise CnnpressError(f"{path} records no dataset; pass the input shape or --data")
-    return DatasetSpec.from_dict(meta["dataset"])
-
-
-def cmd_summary(args: argparse.Namespace, console: Console, err: Console) -> dict:
-    """``cnnpress summary``: the per-layer cost table, with the real file's bytes."""
-    from cnnpress.format import read_info
-
-    model, meta = load_model(args.model_file)
-    if args.input_shape:
-        try:
-            shape = tuple(int(v) for v in args.input_shape.split(","))
-        except ValueError:
-            raise CnnpressError(f"--input-shape must be C,H,W, got {args.input_shape!r}") from None
-    else:
-        spec = _dataset_of(meta, args.model_file)
-        shape = (spec.in_channels, *spec.image_size)
-    path = Path(args.model_file)
-    path = path / "model.cnnp" if path.is_dir() else path
-    info = read_info(path) if path.suffix == ".cnnp" else None
-    float_bits = info["manifest"].get("float_bits", 32) if info else 32
-    s = summary(model, shape, float_bits=float_bits)
-    if info is not None:
-        s.attach_file(info)
-    if not args.json:
-        console.print(s.table())
-    return s.to_dict()
-
-
-def cmd_predict(args: argparse.Namespace, console: Console, err: Console) -> dict:
-    """``cnnpress predict``: classes of the images in files or folders, from the model file."""
-    from cnnpress.cli.predict import read_inputs
-
-    model, meta = load_model(args.model_file)
-    spec = _dataset_of(meta, args.model_file)
-    x, sources = read_inputs(args.input, spec)
-    with torch.no_grad():
-        probs = torch.cat([torch.softmax(model(b), dim=1) for b in x.split(256)])
-    conf, cls = probs.max(dim=1)
-    preds = [
-        {
-            "index": i,
-            "file": file,
-            "index_in_file": j,
-            "class": spec.class_names[c],
-            "label": int(c),
-            "probability": float(p),
-        }
-        for i, ((file, j), c, p) in enumerate(
-            zip(sources, cls.tolist(), conf.tolist(), strict=True)
-        )
-    ]
-    if not args.json:
-        t = Table(title=f"predictions of {args.model_file}")
-        for col in ("image", "file", "class", "probability"):
-            t.add_column(col, justify="left" if col in ("file", "class") else "right")
-        per_file = Counter(file for file, _ in sources)
-        for p in preds[: args.limit]:
-            where = p["file"]
-            if per_file[where] > 1:
-                where += f"[{p['index_in_file']}]"
-            t.add_row(str(p["index"]), where, p["class"], f"{p['probability']:.3f}")
-        console.print(t)
-        if len(preds) > args.limit:
-            console.print(f"... {len(preds) - args.limit} more (use --json for all)")
-    return {"model_file": args.model_file, "inputs": args.input, "predictions": preds}
-
-
-def cmd_export(args: argparse.Namespace, console: Console, err: Console) -> dict:
-    """``cnnpress export``: an ONNX graph of a model file."""
-    from cnnpress.runtime.onnx import export_onnx
-
-    model, meta = load_model(args.model_file)
-    spec = _dataset_of(meta, args.model_file)
-    out = export_onnx(model, args.onnx, (spec.in_channels, *spec.image_size), mode=args.mode)
-    result = {
-        "model_file": args.model_file,
-        "onnx": str(out),
-        "mode": args.mode,
-        "bytes": Path(out).stat().st_size,
-    }
-    if not args.json:
-        console.print(f"wrote {out} ({result['bytes']:,} bytes, SLBF as {args.mode})")
-    return result

@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     (full disk, permissions, read-only file system, missing path); anything else is a bug
     and keeps its traceback.
     """
-    from cnnpress.cli import commands, compare
+    from cnnpress.cli import commands, compare, files
 
     try:
         args = build_parser().parse_args(argv)
@@ -182,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     console = Console() if sys.stdout.isatty() else Console(width=200)
     err = Console(stderr=True)
     try:
-        where = compare if args.command == "compare" else commands
+        where = {"compare": compare, "train": commands, "compress": commands}.get(
+            args.command, files
+        )
         result = getattr(where, f"cmd_{args.command}")(args, console, err)
     except CnnpressError as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
