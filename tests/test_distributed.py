@@ -99,6 +99,25 @@ def test_two_processes_match_one_process_with_the_same_global_batch(single, ddp)
 
 
 @pytest.mark.slow
+def test_xnor_thresholds_start_at_the_global_batch_mean_in_two_processes(recipe, single, tmp_path):
+    # XNOR's beta starts at the mean input of the first training batch; with two processes
+    # each sees half of it and the means are all-reduced, so both runs start and end alike
+    argv = ["compress", "--recipe", recipe, "--method", "xnor", "--init", str(single),
+            "--epochs", "1", "--threads", "1", "--json"]  # fmt: skip
+    assert main([*argv, "--out", str(tmp_path / "one")]) == 0
+    proc = torchrun(*argv, "--out", str(tmp_path / "two"), stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE)  # fmt: skip
+    _, stderr = proc.communicate(timeout=900)
+    assert proc.returncode == 0, stderr
+    a = load_file(str(tmp_path / "one" / "checkpoint.safetensors"))
+    b = load_file(str(tmp_path / "two" / "checkpoint.safetensors"))
+    shifts = [key for key in a if key.endswith(".shift")]
+    assert len(shifts) == 18  # every conv but the first
+    for key in shifts:
+        assert bool(a[key.replace(".shift", ".shift_ready")])
+        torch.testing.assert_close(b[key], a[key], atol=ATOL, rtol=0, msg=key)
+
+
 def test_killed_distributed_run_resumes_to_the_same_bits(recipe, ddp, tmp_path):
     cut = tmp_path / "cut"
     argv = ["train", "--out", str(cut), "--threads", "1"]
