@@ -19,8 +19,7 @@ from cnnpress.methods.slbf import SLBFConv2d, SLBFLinear, index_bits
 
 def reference_filters(layer: SLBFConv2d) -> torch.Tensor:
     """Filter i = concat over slices j of B[p(i, j)], built with plain loops."""
-    bank = torch.where(layer.bank_proxy.detach() >= 0, 1.0, -1.0)
-    idx = layer.logits.detach().argmax(-1)
+    bank, idx = layer.bank(), layer.indices()
     filters = []
     for i in range(layer.out_channels):
         f = torch.cat([bank[idx[i, j]] for j in range(layer.num_slices)], dim=0)
@@ -68,11 +67,9 @@ def test_split_transform_merge_equals_dense_conv(
     with torch.no_grad():
         dense = layer.forward_dense(x)
         stm_gather = layer.forward_stm(x)
-    stm_train = layer.forward_stm(x).detach()  # merge as 1x1 conv (the differentiable form)
     tol = dict(rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(dense, expected, **tol)
     torch.testing.assert_close(stm_gather, expected, **tol)
-    torch.testing.assert_close(stm_train, expected, **tol)
 
 
 def test_stacked_weight_matches_loop_reference():
@@ -81,39 +78,71 @@ def test_stacked_weight_matches_loop_reference():
     torch.testing.assert_close(layer.stacked_weight().detach(), reference_filters(layer))
 
 
-def test_both_paths_give_the_same_gradients():
+def test_training_forward_uses_the_projection_and_every_path_agrees_after_it():
     torch.manual_seed(2)
     layer = SLBFConv2d(8, 6, 3, padding=1, slice_channels=4, num_filters=4, scale=True)
     x = torch.randn(2, 8, 7, 7)
-    target = torch.randn(2, 6, 7, 7)
-    grads = []
-    for path in ("dense", "stm"):
-        layer.zero_grad()
+    with torch.no_grad():
+        layer.latent.add_(torch.randn_like(layer.latent))  # far from the current projection
+    bank = layer.bank().clone()
+    y_train = layer.train()(x).detach()  # projects first
+    assert not torch.equal(layer.bank(), bank)
+    layer.eval()
+    for path in ("dense", "stm", "auto"):
         layer.path = path
-        ((layer(x) - target) ** 2).sum().backward()
-        grads.append([p.grad.clone() for p in (layer.bank_proxy, layer.logits, layer.scale)])
-    for a, b in zip(*grads, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), y_train, rtol=1e-5, atol=1e-4)
 
 
-def test_gradients_reach_bank_proxy_and_every_logit():
+def test_gradient_reaches_the_latent_filters_straight_through_scaled_by_mean_abs():
     torch.manual_seed(3)
     layer = SLBFConv2d(8, 4, 3, padding=1, slice_channels=4, num_filters=3)
-    layer(torch.randn(2, 8, 6, 6)).pow(2).sum().backward()
-    assert layer.bank_proxy.grad is not None and layer.bank_proxy.grad.abs().sum() > 0
-    # the one-hot STE passes a gradient to every logit, not only the selected ones
-    assert (layer.logits.grad != 0).float().mean() > 0.9
+    x = torch.randn(2, 8, 6, 6)
+    layer(x).pow(2).sum().backward()
+    # reference: the gradient of the stacked binary filters as plain conv weights
+    w = layer.binary_filters().clone().requires_grad_(True)
+    F.conv2d(x, w, padding=1).pow(2).sum().backward()
+    gain = layer.latent.detach().abs().flatten(1).mean(1).view(-1, 1, 1, 1)
+    torch.testing.assert_close(layer.latent.grad, w.grad / gain)
 
 
-def test_sign_ste_clips_gradient_outside_unit_interval():
-    layer = SLBFConv2d(2, 1, 1, slice_channels=2, num_filters=2)
+def test_a_slice_moved_next_to_another_bank_filter_changes_selection_and_bits():
+    torch.manual_seed(5)
+    layer = SLBFConv2d(4, 3, 1, slice_channels=2, num_filters=4)
+    bank = torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]]).view(4, 2, 1, 1)
+    idx = torch.tensor([[0, 0], [0, 1], [2, 3]])
+    layer.load_selection(idx, bank)
+    layer.project()
+    assert torch.equal(layer.indices(), idx) and torch.equal(layer.bank(), bank)  # a fixed point
     with torch.no_grad():
-        layer.bank_proxy.copy_(torch.tensor([[0.5, 3.0], [-0.2, -1.5]]).view(2, 2, 1, 1))
-        layer.logits.copy_(torch.tensor([[[1.0, 0.0]]]))
-    layer(torch.ones(1, 2, 1, 1)).sum().backward()
-    g = layer.bank_proxy.grad.view(2, 2)
-    assert g[0, 0] != 0 and g[0, 1] == 0  # |3.0| > 1: no gradient
-    assert torch.all(g[1] == 0)  # bank filter 1 is not selected
+        layer.latent[0, :2] = torch.tensor([1.0, -1.0]).view(2, 1, 1)  # slice (0, 0) -> filter 1
+    layer.project()
+    assert layer.indices()[0, 0] == 1
+
+
+def test_a_bank_bit_flips_when_the_majority_of_its_members_flips():
+    layer = SLBFConv2d(4, 2, 1, slice_channels=2, num_filters=2)
+    bank = torch.tensor([[1.0, 1.0], [-1.0, -1.0]]).view(2, 2, 1, 1)
+    layer.load_selection(torch.tensor([[0, 0], [0, 1]]), bank)
+    with torch.no_grad():  # filter 0's three members: two now lean -1 on the second bit
+        layer.latent[0, :2] = torch.tensor([1.0, -0.2]).view(2, 1, 1)
+        layer.latent[0, 2:] = torch.tensor([1.0, -0.3]).view(2, 1, 1)
+        layer.latent[1, :2] = torch.tensor([1.0, 0.1]).view(2, 1, 1)
+    layer.project()
+    assert layer.indices()[:, 0].tolist() == [0, 0] and layer.indices()[0, 1] == 0
+    assert layer.bank()[0].flatten().tolist() == [1.0, -1.0]
+    assert layer.bank()[1].flatten().tolist() == [-1.0, -1.0]  # its member did not move
+
+
+def test_an_unused_bank_filter_is_reseeded_from_the_worst_fitting_slice():
+    layer = SLBFConv2d(4, 2, 1, slice_channels=2, num_filters=3)
+    bank = torch.tensor([[1.0, 1.0], [1.0, 1.0], [-1.0, -1.0]]).view(3, 2, 1, 1)
+    layer.load_selection(torch.tensor([[0, 0], [0, 2]]), bank)
+    with torch.no_grad():
+        layer.latent[0, 2:] = torch.tensor([1.0, -1.0]).view(2, 1, 1)  # fits no bank filter
+    layer.project()
+    assert layer.bank_usage() == 3  # the duplicate filter 1 took the misfit slice
+    assert layer.bank()[layer.indices()[0, 1]].flatten().tolist() == [1.0, -1.0]
 
 
 def test_bank_usage_on_known_selections():

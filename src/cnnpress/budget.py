@@ -3,10 +3,13 @@
 ``cnnpress.compress(model, "slbf", target_size="12KB")`` (or ``target_ratio=100``) picks, for
 every layer SLBF compresses, a slice width ``d`` from {4, 8, 16, 32} (the divisors of the
 layer's input channels among them; else its largest divisor up to 32) and a bank size ``m``
-(powers of two from 2 to ``budget_max_filters``, and no more than needed to give every slice
-its own filter), guided by each layer's sensitivity: the relative error, with the best scale
-per filter, of the SLBF approximation that ``slbf_init.cluster`` finds for the layer's current
-weights at that ``(d, m)``.
+(powers of two from 2 to ``budget_max_filters``, fewer than the layer's ``n*s`` slices, since
+with one filter per slice SLBF is BWN plus index bits, and at most ``budget_bank_share * n``,
+since a layer's binary work is ``m*c*k*k`` MACs per pixel against the dense ``n*c*k*k``: at
+the default 0.5 every budgeted layer does at most half the dense work), guided by each
+layer's sensitivity: the relative error, with the best scale per filter, of the SLBF
+approximation that ``slbf_init.cluster`` finds for the layer's current weights at that
+``(d, m)``.
 
 Search (greedy for the multiple-choice knapsack): every layer starts at its smallest setting;
 then, while bytes are left, take the upgrade (any larger setting of one layer) with the largest
@@ -99,6 +102,9 @@ def check_budget(config: Any) -> None:
     reserve = config.header_reserve
     if isinstance(reserve, bool) or not isinstance(reserve, int) or reserve < 0:
         raise ConfigError(f"header_reserve must be a whole number of bytes >= 0, got {reserve!r}")
+    share = config.budget_bank_share
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not share > 0:
+        raise ConfigError(f"budget_bank_share must be a positive number, got {share!r}")
     cap = config.budget_max_filters
     if isinstance(cap, bool) or not isinstance(cap, int) or not 2 <= cap <= 2**16:
         raise ConfigError(f"budget_max_filters must be an integer from 2 to 65536, got {cap!r}")
@@ -160,7 +166,11 @@ def _dims(module: nn.Module) -> tuple[int, int, int]:
 
 
 def candidates(
-    module: nn.Module, overrides: dict[str, Any], max_filters: int, name: str = ""
+    module: nn.Module,
+    overrides: dict[str, Any],
+    max_filters: int,
+    name: str = "",
+    bank_share: float = 1.0,
 ) -> list[Candidate]:
     """The Pareto front (fewer bytes, lower error) of a layer's settings, by bytes.
 
@@ -186,7 +196,8 @@ def candidates(
         if "num_filters" in overrides:
             sizes = [overrides["num_filters"]]
         else:
-            top = min(max_filters, 2 ** max(1, math.ceil(math.log2(n * s))))
+            below_slices = 2 ** max(1, math.ceil(math.log2(n * s)) - 1)  # m < n*s
+            top = max(2, min(max_filters, below_slices, int(bank_share * n)))
             sizes = [2**b for b in range(1, int(math.log2(top)) + 1)]
         x = slices_of(weight, d)
         for m in sizes:
@@ -244,7 +255,9 @@ def plan(model: nn.Module, config: Any) -> Plan:
     if budget is None:
         raise ConfigError("no budget: give target_size or target_ratio")
     fronts = {
-        name: candidates(module, overrides, config.budget_max_filters, name)
+        name: candidates(
+            module, overrides, config.budget_max_filters, name, config.budget_bank_share
+        )
         for name, module, overrides in select_layers(model, config)
     }
     choice = dict.fromkeys(fronts, 0)

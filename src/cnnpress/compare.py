@@ -21,6 +21,7 @@ import torch
 import yaml
 
 from cnnpress.errors import ConfigError
+from cnnpress.pretrained import resolve
 
 __all__ = [
     "load_recipe",
@@ -43,6 +44,7 @@ _RUN_KEYS = {
     "init",
     "train",
     "data_options",
+    "file",
 }
 
 
@@ -59,7 +61,8 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     for key in ("model", "data", "out"):
         if not recipe.get(key):
             raise ConfigError(f"{path}: missing `{key}`")
-    names = set()
+    names: set[str] = set()
+    where: dict[str, str] = {}  # run name -> what init/teacher naming it means
     configs = []
     for i, run in enumerate(recipe["runs"]):
         if not isinstance(run, dict) or not run.get("name"):
@@ -82,9 +85,10 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
             "train": {**(recipe.get("train") or {}), **(run.get("train") or {})},
             "out": str(Path(recipe["out"]) / run["name"]),
         }
-        for key in ("method", "method_config", "init"):
+        for key in ("method", "method_config", "init", "file"):
             if run.get(key) is not None:
                 cfg[key] = run[key]
+        where[run["name"]] = str(run.get("file") or cfg["out"])
         if cfg.get("method"):  # every compressed model saved the same way (`save:`)
             cfg["method_config"] = {
                 **(recipe.get("save") or {}),
@@ -94,10 +98,10 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
             kd = dict(run["distill"])
             teacher = kd.get("teacher")
             if teacher in names:  # a teacher named after an earlier run of this comparison
-                kd["teacher"] = str(Path(recipe["out"]) / teacher)
+                kd["teacher"] = where[teacher]
             cfg["distill"] = {"temperature": 4.0, "alpha": 0.9, **kd}
         if cfg.get("init") in names:
-            cfg["init"] = str(Path(recipe["out"]) / cfg["init"])
+            cfg["init"] = where[cfg["init"]]
         configs.append((run["name"], cfg))
     recipe["resolved"] = configs
     return recipe
@@ -144,9 +148,10 @@ def table(records: list[dict[str, Any]]) -> str:
     """The markdown table of the comparison."""
     base = next((r for r in records if r.get("method") == "fp32"), None)
     lines = [
-        "| run | method | settings | start | epochs | test acc. | vs fp32 | file bytes | "
-        "ratio (file) | MACs | binary MACs | latency b=1 | latency b=64 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| run | method | settings | start | epochs | test acc. | train acc. | vs fp32 | "
+        "file bytes | ratio (file) | MACs | binary MACs | latency b=1 | latency b=64 | "
+        "speed-up b=64 | bits flipped | selections changed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         delta = r["accuracy"] - base["accuracy"] if base else 0.0
@@ -158,11 +163,26 @@ def table(records: list[dict[str, Any]]) -> str:
         settings = json.dumps({k: v for k, v in shown.items() if v}, separators=(",", ":"))
         if len(settings) > 60:
             settings = settings[:57] + "..."
+        train = r.get("train_curve") or []
+        train_acc = f"{train[-1][1]:.2f}%" if train else "-"
+        speed = f"{base['latency_b64'] / r['latency_b64']:.2f}x" if base else "-"
+        learn = r.get("learning") or []
+        flips = (
+            f"{sum(e['bits_flipped'] for e in learn):,} / {learn[-1]['bank_bits']:,}"
+            if learn
+            else "-"
+        )
+        changes = (
+            f"{sum(e['selections_changed'] for e in learn):,} / {learn[-1]['selections']:,}"
+            if learn
+            else "-"
+        )
         lines.append(
             f"| {r['run']} | {r['method']} | `{settings}` | {r.get('start', '')} | "
-            f"{r.get('epochs')} | {r['accuracy']:.2f}% | {delta:+.2f} | {r['file_bytes']:,} | "
-            f"{r['ratio']:.1f}x | {r['macs'] / 1e6:.1f}M | {r['binary_macs'] / 1e6:.1f}M | "
-            f"{1e3 * r['latency_b1']:.2f} ms | {1e3 * r['latency_b64']:.1f} ms |"
+            f"{r.get('epochs')} | {r['accuracy']:.2f}% | {train_acc} | {delta:+.2f} | "
+            f"{r['file_bytes']:,} | {r['ratio']:.1f}x | {r['macs'] / 1e6:.1f}M | "
+            f"{r['binary_macs'] / 1e6:.1f}M | {1e3 * r['latency_b1']:.2f} ms | "
+            f"{1e3 * r['latency_b64']:.1f} ms | {speed} | {flips} | {changes} |"
         )
     return "\n".join(lines)
 
@@ -220,6 +240,23 @@ def _curve(metrics: Path) -> list[list[float]]:
     return [[m["epoch"], m["test_accuracy"]] for m in lines if "test_accuracy" in m]
 
 
+def _train_curve(metrics: Path) -> list[list[float]]:
+    """``[epoch, training accuracy]`` per epoch (to tell capacity from training)."""
+    if not metrics.is_file():
+        return []
+    lines = [json.loads(x) for x in metrics.read_text().splitlines() if x]
+    return [[m["epoch"], m["train_accuracy"]] for m in lines if "train_accuracy" in m]
+
+
+def _learning(metrics: Path) -> list[dict[str, Any]]:
+    """Per epoch: what training changed in the discrete parts (totals; see ``metrics.jsonl``
+    for the layers), for the methods that report it."""
+    if not metrics.is_file():
+        return []
+    lines = [json.loads(x) for x in metrics.read_text().splitlines() if x]
+    return [{"epoch": m["epoch"], **m["learning"]["total"]} for m in lines if "learning" in m]
+
+
 def measure_runs(
     done: list[tuple[str, dict[str, Any], dict[str, Any]]], repeats: int = 15
 ) -> list[dict[str, Any]]:
@@ -232,7 +269,7 @@ def measure_runs(
     records, models, shape = [], {}, None
     tests: dict[str, Any] = {}
     for name, cfg, result in done:
-        path = Path(cfg["out"]) / "model.cnnp"
+        path = resolve(cfg.get("file") or Path(cfg["out"]) / "model.cnnp")
         model = load(path)
         spec = DatasetSpec.from_dict(model.cnnpress_dataset)
         shape = (spec.in_channels, *spec.image_size)
@@ -258,6 +295,9 @@ def measure_runs(
                 "lr": cfg["train"].get("lr"),
                 "init_accuracy": result.get("init_test_accuracy"),
                 "curve": _curve(Path(cfg["out"]) / "metrics.jsonl"),
+                "train_curve": _train_curve(Path(cfg["out"]) / "metrics.jsonl"),
+                "learning": _learning(Path(cfg["out"]) / "metrics.jsonl"),
+                "file": cfg.get("file"),
                 "accuracy": accuracy,
                 "epochs": result.get("epochs"),
                 "train_seconds": result.get("train_seconds"),
@@ -315,7 +355,9 @@ def run_comparison(
         out = Path(cfg["out"])
         _check_same_settings(out, cfg, name)
         result_file = out / "result.json"
-        if result_file.is_file():
+        if cfg.get("file"):  # measured from an existing file, not trained here
+            result = {"epochs": None, "test_accuracy": None}
+        elif result_file.is_file():
             result = json.loads(result_file.read_text())
         elif only is not None and name not in only:
             continue

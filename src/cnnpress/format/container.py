@@ -40,6 +40,7 @@ from cnnpress.format.layout import (
     nbytes,
 )
 from cnnpress.methods import method_for
+from cnnpress.pretrained import resolve
 from cnnpress.train.atomic import atomic_write_bytes
 
 __all__ = ["FORMAT_VERSION", "MAGIC", "FormatError", "FileInfo", "load", "read_info", "save"]
@@ -214,14 +215,14 @@ def _check_layout(
 
 
 def load(path: str | Path) -> nn.Module:
-    """Rebuild the model stored at ``path``, in eval mode, with no pickle.
+    """Rebuild the model stored at ``path`` (or ``pretrained:NAME``), in eval mode, no pickle.
 
     The model gets ``cnnpress_dataset`` and ``cnnpress_provenance`` from the manifest.
 
     Raises:
         FormatError: The file is missing, damaged, too new or inconsistent (one line).
     """
-    path = Path(path)
+    path = resolve(path)
     manifest, payload, _ = _parse(path)
     model = _build(path, manifest)
     float_bits = manifest.get("float_bits", 32)

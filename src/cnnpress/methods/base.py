@@ -210,6 +210,16 @@ class Method:
     def on_epoch_end(self, model: nn.Module, epoch: int, epochs: int) -> None:
         """Called after each training epoch (schedules). Default: nothing."""
 
+    def snapshot(self, model: nn.Module) -> Any | None:
+        """The state of the layers' discrete parts before an epoch, or ``None`` (default)."""
+        return None
+
+    def learning_stats(self, model: nn.Module, before: Any) -> dict[str, Any] | None:
+        """What an epoch changed in the discrete parts since ``before`` (a :meth:`snapshot`):
+        for example bits flipped and selections changed, in total and per layer. Recorded in
+        each epoch's ``metrics.jsonl`` line under ``"learning"``. Default: ``None``."""
+        return None
+
     def sync(self, model: nn.Module) -> None:
         """Bring ``model.cnnpress_method``'s config in line with the layers' current state.
 

@@ -10,15 +10,30 @@ optional scale ``alpha_i``)::
 
     W[i, j*d:(j+1)*d] = alpha_i * B[p(i, j)]
 
-Training: ``B = sign(P)`` of a full-precision proxy ``P`` with the clipped straight-through
-estimator (gradient passed where ``|P| <= 1``); ``p(i, j) = argmax_t Q[i, j, t]`` of real
-logits ``Q`` (n x s x m), used as a one-hot vector forward and passing the gradient to ``Q``
-unchanged backward.
+Training (the estimator). The layer keeps full-precision *latent* filters ``w`` (n x c x k x k,
+like the weights of the conv it replaces) and, in training mode, projects them onto the SLBF
+set before every forward: one Lloyd step of binary k-means over the unit-norm slices (each
+slice goes to the bank filter it agrees with most, ``p(i, j) = argmax_t <w_ij, B_t>``; each
+bank filter becomes the sign of its members' vote; an unused one is re-seeded from the slice
+the bank fits worst). The forward computes with the projection; backward, the gradient of
+the stacked binary filters goes to ``w`` straight through, divided by each filter's mean
+``|w_i|``: the binary filter stands for ``mean|w_i| * S_i`` (as in BWN), so the latent
+filters move as the dense weights would and a plain ``torch.optim.SGD`` over
+``model.parameters()`` trains them at the dense model's learning rates. Bank bits flip when
+their members' majority flips, selections change when a slice moves nearer another bank
+filter (the periodic re-assignment of Sub-bit Neural Networks, Wang et al. ICCV 2021, done
+every step), and no bank filter stays unused. With ``scale`` the layer's ``alpha_i`` is the
+L2-optimal ``<w_i, S_i> / |S_i|^2``, computed from ``w`` (not a free parameter, so nothing
+but the filters sets the output magnitude in a network without BatchNorm).
+
+This replaces the first estimator (a bank proxy with a clipped sign STE and selection logits
+with an identity STE): measured on a pretrained ResNet-20, 60 SGD steps flipped none of its
+20,736 bank bits and changed 1 of 3,712 selections (``benchmarks/slbf_learning.py``).
 
 Forward by split-transform-merge: a grouped conv of the input (``s`` groups) with the bank
 gives ``s*m`` maps ``z[j, t] = x_j * B[t]``; output ``i`` is ``sum_j z[j, p(i, j)]``. By
 linearity this equals the dense conv with the stacked filters, which is the path used while
-training (cheaper in PyTorch, same values and same gradients; the tests check both).
+training (cheaper in PyTorch, same values; the tests check both).
 
 Stored bits: ``m*d*k*k`` (bank) + ``n*s*ceil(log2 m)`` (indices) + 32 per scale and bias.
 Operations per output pixel: ``m*c*k*k`` binary-weight MACs and ``n*s`` additions.
@@ -45,12 +60,24 @@ from cnnpress.methods.base import (
     replace_module,
     select_layers,
 )
-from cnnpress.quantizers import binary_sign, one_hot_argmax_ste, sign_ste
+from cnnpress.quantizers import binary_sign
 
-__all__ = ["SLBF", "SLBFConfig", "SLBFConv2d", "SLBFLinear", "index_bits"]
+__all__ = [
+    "SLBF",
+    "SLBFConfig",
+    "SLBFConv2d",
+    "SLBFLinear",
+    "index_bits",
+    "learning_stats",
+    "lloyd_step",
+    "snapshot",
+    "unit_slices",
+]
 
 MAX_FILTERS = 2**16
 PATHS = ("auto", "dense", "stm", "kernel")
+INIT_ROUNDS = 3
+_TINY = 1e-12
 
 
 def index_bits(num_filters: int) -> int:
@@ -76,7 +103,10 @@ def _check(in_channels: int, slice_channels: int, num_filters: int, where: str =
 
 
 class _SLBFBase(nn.Module):
-    """Bank proxy, selection logits, optional scale and bias shared by conv and linear layers."""
+    """Latent filters, the binary bank and selections they project to, optional scale, bias.
+
+    Shared by the conv and linear layers; see the module docstring for the estimator.
+    """
 
     def __init__(
         self,
@@ -94,61 +124,104 @@ class _SLBFBase(nn.Module):
         self.kernel_size = kernel_size
         self.slice_channels, self.num_filters = slice_channels, num_filters
         self.num_slices = in_channels // slice_channels
+        self.has_scale = bool(scale)
         kh, kw = kernel_size
-        self.bank_proxy = nn.Parameter(torch.empty(num_filters, slice_channels, kh, kw))
-        self.logits = nn.Parameter(torch.empty(out_channels, self.num_slices, num_filters))
-        fan_in = in_channels * kh * kw
-        self.scale = nn.Parameter(torch.full((out_channels,), fan_in**-0.5)) if scale else None
+        self.latent = nn.Parameter(torch.empty(out_channels, in_channels, kh, kw))
+        self.register_buffer("binary_bank", torch.ones(num_filters, slice_channels, kh, kw))
+        self.register_buffer(
+            "selection", torch.zeros(out_channels, self.num_slices, dtype=torch.long)
+        )
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
-        nn.init.uniform_(self.bank_proxy, -1.0, 1.0)
-        nn.init.normal_(self.logits, std=1e-2)
+        nn.init.kaiming_uniform_(self.latent, a=math.sqrt(5))  # as nn.Conv2d does
+        with torch.no_grad():
+            self.binary_bank.copy_(binary_sign(torch.randn_like(self.binary_bank)))
+        self.project(INIT_ROUNDS)
         self.path = "auto"
 
     # -- the binary parts -------------------------------------------------------------------
     def bank(self) -> torch.Tensor:
         """The binary bank B in {-1,+1}, shape (m, d, kh, kw) (no gradient)."""
-        return binary_sign(self.bank_proxy.detach())
+        return self.binary_bank
 
     def indices(self) -> torch.Tensor:
         """Selections p(i, j), shape (n, s), int64 in [0, m)."""
-        return self.logits.detach().argmax(dim=-1)
+        return self.selection
 
     def bank_usage(self) -> int:
         """How many of the m bank filters are selected at least once."""
-        return int(self.indices().unique().numel())
+        return int(self.selection.unique().numel())
 
     def usage_counts(self) -> torch.Tensor:
         """How often each bank filter is selected, shape (m,)."""
-        return torch.bincount(self.indices().flatten(), minlength=self.num_filters)
+        return torch.bincount(self.selection.flatten(), minlength=self.num_filters)
+
+    def binary_filters(self) -> torch.Tensor:
+        """The stacked binary filters S (n, c, kh, kw) in {-1,+1}: S[i, j-th slice] = B[p(i, j)]."""
+        return self.binary_bank[self.selection].reshape(self.latent.shape)
+
+    @property
+    def scale(self) -> torch.Tensor | None:
+        """Per-filter scale alpha_i = <w_i, S_i> / |S_i|^2 of the latent filters (or None)."""
+        if not self.has_scale:
+            return None
+        s = self.binary_filters().flatten(1).to(self.latent.dtype)
+        return (self.latent.flatten(1) * s).mean(1).clamp_min(_TINY)
+
+    @torch.no_grad()
+    def project(self, rounds: int = 1) -> None:
+        """Bank and selections from the latent filters: ``rounds`` Lloyd steps (module doc)."""
+        n, s, m = self.out_channels, self.num_slices, self.num_filters
+        x = unit_slices(self.latent, self.slice_channels).reshape(n * s, -1)
+        bank = self.binary_bank.reshape(m, -1).to(x.dtype)
+        for _ in range(rounds):
+            bank = lloyd_step(x, bank, n, s)
+        self.binary_bank.copy_(bank.view_as(self.binary_bank))
+        self.selection.copy_((x @ bank.T).argmax(1).view(n, s))
 
     def stacked_weight(self) -> torch.Tensor:
         """Dense filters (n, c, kh, kw): the stacked bank filters times the scales.
 
-        Differentiable: gradients reach the bank proxy (sign STE) and the logits (one-hot STE).
+        Differentiable: the gradient reaches the latent filters through the straight-through
+        estimator, divided by each filter's mean ``|w_i|`` (module docstring).
         """
-        onehot = one_hot_argmax_ste(self.logits)  # n, s, m
-        bank = sign_ste(self.bank_proxy)  # m, d, kh, kw
-        w = torch.einsum("nsm,mdhw->nsdhw", onehot, bank)
-        w = w.reshape(self.out_channels, self.in_channels, *self.kernel_size)
-        if self.scale is not None:
+        w = self.binary_filters().to(self.latent.dtype)
+        gain = self.latent.detach().abs().flatten(1).mean(1).clamp_min(_TINY)
+        w = w + (self.latent - self.latent.detach()) / gain.view(-1, 1, 1, 1)
+        if self.has_scale:
             w = w * self.scale.view(-1, 1, 1, 1)
         return w
 
     def load_selection(
-        self, indices: torch.Tensor, bank: torch.Tensor, margin: float = 1.0
+        self, indices: torch.Tensor, bank: torch.Tensor, scale: torch.Tensor | None = None
     ) -> None:
-        """Set the selections and the bank: logits favour ``indices`` by ``margin``."""
+        """Set the selections and the bank; the latent filters become ``scale_i * S_i``.
+
+        Without a ``scale``, filters get unit norm. Either way the latent filters project back
+        to exactly this bank and these selections (one Lloyd step leaves them unchanged).
+        """
+        kh, kw = self.kernel_size
         with torch.no_grad():
-            self.logits.zero_()
-            self.logits.scatter_(-1, indices.long().unsqueeze(-1), margin)
-            self.bank_proxy.copy_(bank.to(self.bank_proxy.dtype))
+            self.selection.copy_(indices.long().view_as(self.selection))
+            self.binary_bank.copy_(binary_sign(bank.reshape(self.binary_bank.shape)))
+            if scale is None:
+                scale = torch.full((self.out_channels,), (self.in_channels * kh * kw) ** -0.5)
+            s = self.binary_filters()
+            self.latent.copy_(s * scale.to(s).view(-1, 1, 1, 1))
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """Copies of the bank, selections and latent filters (for :func:`learning_stats`)."""
+        return {
+            "bank": self.binary_bank.clone(),
+            "selection": self.selection.clone(),
+            "latent": self.latent.detach().clone(),
+        }
 
     def stored_bits(self, float_bits: int = 32) -> int:
         """m*d*kh*kw + n*s*ceil(log2 m) + ``float_bits`` per scale and bias."""
         kh, kw = self.kernel_size
         bits = self.num_filters * self.slice_channels * kh * kw
         bits += self.out_channels * self.num_slices * index_bits(self.num_filters)
-        floats = (self.scale is not None) + (self.bias is not None)
+        floats = self.has_scale + (self.bias is not None)
         return bits + float_bits * self.out_channels * floats
 
     def fp32_bits(self) -> int:
@@ -161,8 +234,38 @@ class _SLBFBase(nn.Module):
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
             f"slice_channels={self.slice_channels}, num_filters={self.num_filters}, "
-            f"scale={self.scale is not None}, bias={self.bias is not None}, path={self.path}"
+            f"scale={self.has_scale}, bias={self.bias is not None}, path={self.path}"
         )
+
+
+def unit_slices(weight: torch.Tensor, slice_channels: int) -> torch.Tensor:
+    """The unit-norm filters of ``weight`` (n, c[, kh, kw]) cut into slices: (n, s, d*kh*kw)."""
+    w = weight.detach().float()
+    w = w.reshape(w.shape[0], w.shape[1], -1)
+    n, c, kk = w.shape
+    w = w / w.flatten(1).norm(dim=1).clamp_min(_TINY).view(n, 1, 1)
+    return w.reshape(n, c // slice_channels, slice_channels * kk)
+
+
+def lloyd_step(x: torch.Tensor, bank: torch.Tensor, n: int, s: int) -> torch.Tensor:
+    """One k-means step with binary centroids over the slices ``x`` (n*s, D) of n filters.
+
+    Each slice goes to the bank filter it agrees with most (``argmax_t <x, B_t>``); each used
+    bank filter becomes the sign of its members' vote weighted by their filter's fit
+    ``alpha_i`` (the L2-optimal bits for fixed selections); an unused one is re-seeded with
+    the sign of the slice the bank fits worst, so no stored filter stays dead.
+    """
+    idx = (x @ bank.T).argmax(1)
+    alpha = (x * bank[idx]).sum(1).view(n, s).sum(1).clamp_min(0)
+    votes = torch.zeros_like(bank).index_add_(0, idx, x * alpha.repeat_interleave(s)[:, None])
+    used = torch.bincount(idx, minlength=bank.shape[0]) > 0
+    new = torch.where(used.unsqueeze(1), binary_sign(votes), bank)
+    empty = (~used).nonzero().flatten()
+    if empty.numel():
+        gap = x.abs().sum(1) - (x @ new.T).max(1).values
+        worst = gap.topk(min(empty.numel(), gap.numel())).indices
+        new[empty[: worst.numel()]] = binary_sign(x[worst])
+    return new
 
 
 class SLBFConv2d(_SLBFBase):
@@ -229,25 +332,24 @@ class SLBFConv2d(_SLBFBase):
     def forward_stm(self, x: torch.Tensor) -> torch.Tensor:
         """Split-transform-merge: grouped conv with the bank, then gather and sum per filter.
 
-        With gradients enabled the merge is a 1x1 conv with the one-hot selections (so the
-        logits get their STE gradient); without, it is an explicit gather of n*s maps and a sum.
+        The inference form (the bank and selections are fixed; no gradient reaches the latent
+        filters): training always runs :meth:`forward_dense`.
         """
         s, m, n = self.num_slices, self.num_filters, self.out_channels
-        bank = sign_ste(self.bank_proxy)
+        bank = self.binary_bank.to(x.dtype)
         z = self._conv(x, bank.repeat(s, 1, 1, 1), groups=s)  # N, s*m, H, W
-        if torch.is_grad_enabled():
-            onehot = one_hot_argmax_ste(self.logits).reshape(n, s * m, 1, 1)
-            y = F.conv2d(z, onehot)
-        else:
-            flat = self.indices() + torch.arange(s, device=z.device).mul(m).view(1, s)
-            y = z[:, flat.flatten()].unflatten(1, (n, s)).sum(dim=2)
-        if self.scale is not None:
+        flat = self.selection + torch.arange(s, device=z.device).mul(m).view(1, s)
+        y = z[:, flat.flatten()].unflatten(1, (n, s)).sum(dim=2)
+        if self.has_scale:
             y = y * self.scale.view(1, -1, 1, 1)
         return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.project()
+            return self.forward_dense(x)
         # -- fast inference (cnnpress.runtime.kernel): eval mode, path "auto" or "kernel" --
-        if not self.training and self.path in ("auto", "kernel"):
+        if self.path in ("auto", "kernel"):
             from cnnpress.runtime import kernel
 
             return kernel.forward(self, x)
@@ -291,6 +393,8 @@ class SLBFLinear(_SLBFBase):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.project()
         w = self.stacked_weight().flatten(1)
         return F.linear(x, w, self.bias)
 
@@ -314,6 +418,8 @@ class SLBFConfig(MethodConfig):
         header_reserve: Bytes the budget keeps for the dataset spec and provenance that
             ``save`` adds to the header (a typical pair takes about 470).
         budget_max_filters: Largest bank size the budget tries (powers of two from 2).
+        budget_bank_share: Largest bank the budget gives a layer of n filters, as a share of
+            n (default 0.5: every budgeted layer does at most half the dense layer's work).
     """
 
     slice_channels: int = 8
@@ -324,6 +430,7 @@ class SLBFConfig(MethodConfig):
     target_ratio: float | None = None
     header_reserve: int = 1000
     budget_max_filters: int = 256
+    budget_bank_share: float = 0.5
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -419,27 +526,35 @@ class SLBF(Method):
     def pack(self, layer: nn.Module, float_bits: int = 32) -> dict[str, tuple[str, Any]]:
         """Bank as 1-bit values (1 = +1), indices at ceil(log2 m) bits, floats as given."""
         arrays: dict[str, tuple[str, Any]] = {
-            "bank": ("u1", (layer.bank() > 0).to(torch.uint8).numpy()),
-            "indices": (f"u{index_bits(layer.num_filters)}", layer.indices().numpy()),
+            "bank": ("u1", (layer.bank() > 0).to(torch.uint8).cpu().numpy()),
+            "indices": (f"u{index_bits(layer.num_filters)}", layer.indices().cpu().numpy()),
         }
         enc = "f2" if float_bits == 16 else "f4"
         for name in ("scale", "bias"):
             tensor = getattr(layer, name)
             if tensor is not None:
-                arrays[name] = (enc, tensor.detach().cpu().numpy())
+                arrays[name] = (enc, tensor.detach().float().cpu().numpy())
         return arrays
 
     def unpack(self, layer: nn.Module, arrays: dict[str, Any]) -> None:
-        """Selections and bank from the stored bits; logits favour the stored choice."""
+        """Selections, bank and scale from the stored bits (latent filters = scale * S)."""
         bank = torch.as_tensor(arrays["bank"].astype("float32") * 2.0 - 1.0)
         if arrays["indices"].size and int(arrays["indices"].max()) >= layer.num_filters:
             raise ValueError("a stored selection index is outside the bank")
         indices = torch.as_tensor(arrays["indices"].astype("int64"))
-        layer.load_selection(indices, bank.view_as(layer.bank_proxy))
-        with torch.no_grad():
-            for name in ("scale", "bias"):
-                if getattr(layer, name) is not None:
-                    getattr(layer, name).copy_(torch.as_tensor(arrays[name].astype("float32")))
+        scale = torch.as_tensor(arrays["scale"].astype("float32")) if "scale" in arrays else None
+        layer.load_selection(indices, bank, scale)
+        if layer.bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(torch.as_tensor(arrays["bias"].astype("float32")))
+
+    def snapshot(self, model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+        """The binary parts now, for :meth:`learning_stats` at the end of an epoch."""
+        return snapshot(model)
+
+    def learning_stats(self, model: nn.Module, before: Any) -> dict[str, Any]:
+        """What training changed in the binary parts since ``before`` (:func:`learning_stats`)."""
+        return learning_stats(model, before)
 
 
 def describe(model: nn.Module) -> list[dict[str, Any]]:
@@ -454,3 +569,44 @@ def describe(model: nn.Module) -> list[dict[str, Any]]:
         for name, mod in model.named_modules()
         if isinstance(mod, _SLBFBase)
     ]
+
+
+def snapshot(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """Per SLBF layer name: copies of its bank, selections and latent filters."""
+    return {name: m.snapshot() for name, m in model.named_modules() if isinstance(m, _SLBFBase)}
+
+
+def learning_stats(model: nn.Module, before: dict[str, dict[str, torch.Tensor]]) -> dict[str, Any]:
+    """How far training moved the binary parts since ``before`` (a :func:`snapshot`).
+
+    Returns:
+        ``{"total": {...}, "layers": {name: {...}}}`` with ``bits_flipped`` (of ``bank_bits``),
+        ``selections_changed`` (of ``selections``), ``filters_used`` (of ``num_filters``) and
+        ``latent_change``: ``|w - w_before| / |w_before|`` of the latent filters (the estimator
+        has no clip, so no latent value saturates; this says whether they move at all).
+    """
+    layers: dict[str, dict[str, Any]] = {}
+    for name, mod in model.named_modules():
+        if not isinstance(mod, _SLBFBase) or name not in before:
+            continue
+        old = before[name]
+        latent = mod.latent.detach()
+        layers[name] = {
+            "bits_flipped": int((mod.binary_bank != old["bank"]).sum()),
+            "bank_bits": mod.binary_bank.numel(),
+            "selections_changed": int((mod.selection != old["selection"]).sum()),
+            "selections": mod.selection.numel(),
+            "filters_used": mod.bank_usage(),
+            "num_filters": mod.num_filters,
+            "latent_change": float((latent - old["latent"]).norm() / old["latent"].norm()),
+        }
+    keys = (
+        "bits_flipped",
+        "bank_bits",
+        "selections_changed",
+        "selections",
+        "filters_used",
+        "num_filters",
+    )
+    total: dict[str, Any] = {k: sum(v[k] for v in layers.values()) for k in keys}
+    return {"total": total, "layers": layers}

@@ -21,9 +21,9 @@ with probability proportional to its gap ``||w||_1 - max_t <w, B_t>`` (zero for 
 sign is already in the bank). ``weighted=False`` gives plain k-means in Hamming space on
 ``sign(w)`` (``<x, B> = D - 2 * hamming`` for +-1 vectors, so both are one matmul).
 
-:func:`init_from_dense` loads the result into an SLBF layer: logits favour the chosen filter by
-``margin``; the bank proxy is the centroid times a confidence in [0.05, 1] (the vote's strength,
-half its mean at 0.5) so that the sign STE keeps passing gradients and weak bits flip first.
+:func:`init_from_dense` loads the result into an SLBF layer: its latent filters become the
+trained ones, its bank and selections their clustering (training then moves them on through
+the layer's per-step projection, :mod:`cnnpress.methods.slbf`).
 :func:`init_from_module` also carries the trained bias over and keeps the function of a
 conv-BatchNorm pair as well as it can: with no scale in the layer, the BN's running mean (and
 the bias) are multiplied by ``alpha_i / g_i^2`` and its running variance divided by ``g_i^2``,
@@ -39,13 +39,12 @@ import torch
 from torch import nn
 
 from cnnpress.errors import ConfigError
-from cnnpress.methods.slbf import _SLBFBase
+from cnnpress.methods.slbf import _SLBFBase, unit_slices
 from cnnpress.quantizers import binary_sign
 
 __all__ = [
     "INITS",
     "INIT_ITERS",
-    "INIT_MARGIN",
     "INIT_SEED",
     "check_init",
     "cluster",
@@ -59,7 +58,6 @@ __all__ = [
 
 INITS = ("auto", "random", "weights")
 INIT_ITERS = 10
-INIT_MARGIN = 0.5
 INIT_SEED = 0
 _TINY = 1e-12
 
@@ -94,12 +92,7 @@ def scaled_error(weight: torch.Tensor, approx: torch.Tensor) -> tuple[float, flo
 
 def slices_of(weight: torch.Tensor, slice_channels: int) -> torch.Tensor:
     """The unit-norm filters of ``weight`` (n, c[, kh, kw]) cut into slices: (n, s, d*kh*kw)."""
-    w = weight.detach().float()
-    w = w.reshape(w.shape[0], w.shape[1], -1)
-    n, c, kk = w.shape
-    norms = w.flatten(1).norm(dim=1).clamp_min(_TINY)
-    w = w / norms.view(n, 1, 1)
-    return w.reshape(n, c // slice_channels, slice_channels * kk)
+    return unit_slices(weight, slice_channels)
 
 
 def _seed_bank(x: torch.Tensor, m: int, gen: torch.Generator) -> torch.Tensor:
@@ -181,11 +174,10 @@ def init_from_dense(
     iters: int = INIT_ITERS,
     seed: int = INIT_SEED,
     weighted: bool = True,
-    margin: float = INIT_MARGIN,
 ) -> dict[str, Any]:
-    """Set ``layer``'s bank and selections from the dense ``weight`` it replaces.
-
-    Also sets the layer's scale (when it has one) to the best per-filter ``alpha``.
+    """Set ``layer``'s latent filters to the dense ``weight`` it replaces, and its bank and
+    selections to their clustering (the layer's scale, when it has one, is then the best
+    per-filter ``alpha``).
 
     Returns:
         ``error`` and ``filter_error`` (see :func:`scaled_error`) of the init and of the
@@ -198,26 +190,18 @@ def init_from_dense(
             f"weight of shape {tuple(weight.shape)} does not fit an SLBF layer of "
             f"{n} filters over {c} channels with a {kh}x{kw} kernel"
         )
-    dense = weight.detach().float().reshape(n, c, kh, kw).to(layer.bank_proxy.device)
+    dense = weight.detach().float().reshape(n, c, kh, kw).to(layer.latent.device)
     with torch.no_grad():
-        before = layer.stacked_weight()
-        if layer.scale is not None:
-            before = before / layer.scale.view(-1, 1, 1, 1)
+        before = layer.binary_filters()
     random_error = scaled_error(dense, before)
     m, d = layer.num_filters, layer.slice_channels
-    bank, idx, vote = cluster(slices_of(dense, d), m, iters, seed, weighted)
-    strength = vote.abs()
-    mean = strength.mean(1, keepdim=True)
-    confidence = torch.where(
-        mean > _TINY, (strength / (2 * mean.clamp_min(_TINY))).clamp(0.05, 1.0), 0.5
-    )
-    layer.load_selection(idx, (bank * confidence).view(m, d, kh, kw), margin)
+    bank, idx, _ = cluster(slices_of(dense, d), m, iters, seed, weighted)
+    layer.load_selection(idx, bank.view(m, d, kh, kw))
+    with torch.no_grad():
+        layer.latent.copy_(dense.to(layer.latent))  # the latent filters start as the trained ones
     stacked = bank[idx].reshape(n, c, kh, kw)
     flat_w, flat_s = dense.flatten(1), stacked.flatten(1)
     alpha = (flat_w * flat_s).sum(1) / flat_s.square().sum(1)
-    if layer.scale is not None:
-        with torch.no_grad():
-            layer.scale.copy_(alpha)
     error, filter_error = scaled_error(dense, stacked)
     return {
         "error": error,

@@ -195,8 +195,8 @@ def status(build: bool = True) -> dict[str, Any]:
 # -- calling the kernel ------------------------------------------------------------------------
 def _prepared(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """The bank as (d*kh*kw, m) floats and the selections as int32, cached per weight version."""
-    proxy, logits = layer.bank_proxy, layer.logits
-    key = (proxy._version, proxy.data_ptr(), logits._version, logits.data_ptr())
+    bank, sel = layer.binary_bank, layer.selection
+    key = (bank._version, bank.data_ptr(), sel._version, sel.data_ptr())
     entry = _RT.prepared.get(layer)
     if entry is None or entry[0] != key:
         with torch.no_grad():

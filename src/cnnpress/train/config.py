@@ -21,7 +21,7 @@ class TrainConfig:
         optimizer: ``"sgd"`` (momentum, Nesterov off) or ``"adam"``.
         lr: Peak learning rate.
         momentum: SGD momentum.
-        weight_decay: L2 penalty (not applied to binary proxies and selection logits).
+        weight_decay: L2 penalty (not applied to XNOR-Net's input thresholds).
         warmup_epochs: Linear warm-up before the cosine decay.
         label_smoothing: Cross-entropy label smoothing.
         bn_recalibrate: Batches used to re-estimate BatchNorm statistics before each

@@ -47,11 +47,11 @@ PLAIN: dict[str, bool] = {"markup": False, "highlight": False, "soft_wrap": True
 #: The files of a run folder (each written atomically).
 RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoint.safetensors", "model.cnnp", "result.json")
 
-NO_DECAY_NAMES = ("bank_proxy", "logits")
+NO_DECAY_NAMES = ("shift",)  # XNOR-Net's input thresholds: decay pulls them to 0
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """SGD or Adam; binary proxies and selection logits get no weight decay."""
+    """SGD or Adam; XNOR-Net's input thresholds get no weight decay."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -215,6 +215,7 @@ def fit(
             train_loader.set_epoch(epoch)
             t0 = time.perf_counter()
             loss_sum, correct, count = 0.0, 0, 0
+            before = method.snapshot(model) if method is not None else None
             with _progress(console) as bar:
                 task = bar.add_task(
                     f"epoch {epoch + 1}/{cfg.epochs}", total=steps, loss=0.0, acc=0.0
@@ -258,6 +259,9 @@ def fit(
                 "train_accuracy": 100.0 * correct / count,
                 "epoch_seconds": epoch_seconds,
             }
+            learning = method.learning_stats(model, before) if before is not None else None
+            if learning is not None:
+                record["learning"] = learning
             if epoch == cfg.epochs - 1 or (epoch + 1) % cfg.eval_every == 0:
                 if cfg.bn_recalibrate:  # every rank: the statistics are global ones
                     recalibrate_batchnorm(model, train_loader, cfg.bn_recalibrate)
