@@ -111,8 +111,8 @@ def test_new_weights_are_seen(ext):
     x = torch.randn(1, 8, 6, 6)
     first = kernel.conv2d(layer, x)
     with torch.no_grad():
-        layer.bank_proxy.neg_()
-        layer.logits.add_(torch.randn_like(layer.logits))
+        layer.binary_bank.neg_()
+        layer.selection.random_(0, layer.num_filters)
         ref = layer.forward_dense(x)
     assert not torch.allclose(first, ref)
     assert_matches(kernel.conv2d(layer, x), ref)
@@ -148,7 +148,7 @@ def test_gradients_still_flow_in_eval_mode(ext):
     layer.path = "kernel"
     x = torch.randn(1, 8, 5, 5, requires_grad=True)
     layer(x).sum().backward()  # grad enabled: the dense path runs
-    assert x.grad is not None and layer.logits.grad is not None
+    assert x.grad is not None and layer.latent.grad is not None
 
 
 def test_whole_model_through_the_kernel(ext):

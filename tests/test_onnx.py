@@ -48,13 +48,14 @@ def slbf_resnet(width: int = 16, shape: tuple[int, ...] = RESNET_SHAPE, seed: in
     torch.manual_seed(seed)
     base = cnnpress.models.create("resnet20", 1, 10, width=width)
     model = cnnpress.compress(base, "slbf", slice_channels=8, num_filters=16, include_linear=True)
-    with torch.no_grad():  # random selections (fresh logits are all near-ties) and biases
+    model = calibrate_batchnorm(model, shape, seed)  # training mode: projects the latents
+    with torch.no_grad():  # then random selections and biases
         for m in model.modules():
             if isinstance(m, _SLBFBase):
-                m.logits.normal_()
+                m.selection.random_(0, m.num_filters)
                 if m.bias is not None:
                     m.bias.normal_(std=0.1)
-    return calibrate_batchnorm(model, shape, seed)
+    return model
 
 
 def lenet() -> nn.Module:

@@ -63,22 +63,19 @@ def test_layer_state_matches_the_reported_init():
     torch.manual_seed(2)
     dense, layer = conv_layer()
     before = torch.get_rng_state()
-    stats = init_from_dense(layer, dense.weight, margin=0.7)
+    stats = init_from_dense(layer, dense.weight)
     assert torch.equal(torch.get_rng_state(), before)  # a private generator
     with torch.no_grad():
         stacked = layer.stacked_weight()
     assert scaled_error(dense.weight, stacked)[0] == pytest.approx(stats["error"], abs=1e-6)
-    proxy = layer.bank_proxy.detach()
-    assert proxy.abs().max() <= 1.0 and proxy.abs().min() > 0  # the STE passes everywhere
-    top = layer.logits.detach().topk(2, dim=-1).values
-    assert torch.allclose(top[..., 0] - top[..., 1], torch.tensor(0.7))
+    assert torch.equal(layer.latent.detach(), dense.weight.detach())  # latents = trained
     # every slice selects its best bank filter (largest inner product with the slice)
     x = slices_of(dense.weight, 8)
     best = torch.einsum("nsd,md->nsm", x, layer.bank().flatten(1)).max(-1).values
     chosen = torch.einsum("nsd,nsd->ns", x, layer.bank().flatten(1)[layer.indices()])
     assert torch.allclose(chosen, best, atol=1e-6)
     again = conv_layer()[1]
-    init_from_dense(again, dense.weight, margin=0.7)
+    init_from_dense(again, dense.weight)
     assert torch.equal(again.indices(), layer.indices())
     assert torch.equal(again.bank(), layer.bank())
 
@@ -142,7 +139,7 @@ def test_init_setting():
     weights = cnnpress.compress(net, "slbf", slice_channels=8, num_filters=4, init="weights")
     assert torch.equal(auto[3].indices(), weights[3].indices())
     rand = cnnpress.compress(net, "slbf", slice_channels=8, num_filters=4, init="random")
-    assert rand[3].logits.detach().abs().max() < 0.2  # the fresh layer, no margin
+    assert not torch.equal(rand[3].latent, weights[3].latent)  # fresh latent filters
     assert torch.equal(rand[4].running_var, net[4].running_var)
     with pytest.raises(ConfigError, match="init must be one of"):
         cnnpress.compress(net, "slbf", init="kmeans")
