@@ -122,7 +122,7 @@ def test_parse_size(text, size):
         {"target_size": True},
         {"target_ratio": -3},
         {"target_size": "1KB", "target_ratio": 10},
-        {"float_bits": 8},
+        {"float_bits": 12},
         {"header_reserve": -1},
         {"budget_max_filters": 1},
     ],

@@ -308,3 +308,24 @@ def test_entropy_report_matches_the_file_and_respects_the_shannon_bound(tmp_path
         assert 0 < r["entropy_bits"] < r["bits"]  # uneven use: below the packed width
         assert 8 * r["huffman_bytes"] >= r["count"] * r["entropy_bits"]  # no code beats H
         assert r["stored_bytes"] == min(r["packed_bytes"], r["huffman_bytes"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shape=st.lists(st.integers(0, 6), min_size=0, max_size=3).map(tuple),
+    scale=st.floats(1e-3, 1e3),
+    seed=st.integers(0, 2**16),
+)
+def test_int8_floats_round_trip_within_half_a_step(shape, scale, seed):
+    from cnnpress.floats import q8_decode, q8_encode, q8_rows, stored_float_bits
+
+    x = (np.random.default_rng(seed).standard_normal(shape) * scale).astype(np.float32)
+    data = q8_encode(x)
+    assert 8 * len(data) == stored_float_bits(shape, 8)
+    back = q8_decode(data, shape)
+    assert back.shape == x.shape and back.dtype == np.float32
+    if x.size:
+        rows = x.reshape(q8_rows(shape), -1)
+        step = np.abs(rows).max(axis=1, keepdims=True) / 127.0
+        err = np.abs(back.reshape(rows.shape) - rows)
+        assert np.all(err <= 0.501 * step + 1e-30)  # half a step

@@ -1,7 +1,7 @@
 """Compress to a size budget: per-layer SLBF settings chosen so that the real file fits.
 
 ``cnnpress.compress(model, "slbf", target_size="12KB")`` (or ``target_ratio=100``) picks, for
-every layer SLBF compresses, a slice width ``d`` from {4, 8, 16, 32} (the divisors of the
+every layer SLBF compresses, a slice width ``d`` from {1, 2, 4, 8, 16, 32} (the divisors of the
 layer's input channels among them; else its largest divisor up to 32) and a bank size ``m``
 (powers of two from 2 to ``budget_max_filters``, fewer than the layer's ``n*s`` slices, since
 with one filter per slice SLBF is BWN plus index bits, and at most ``budget_bank_share * n``,
@@ -63,7 +63,7 @@ __all__ = [
     "resolve_budget",
 ]
 
-SLICE_CHOICES = (4, 8, 16, 32)
+SLICE_CHOICES = (1, 2, 4, 8, 16, 32)
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "kib": 2**10, "mb": 10**6, "mib": 2**20}
 _UNITS |= {"gb": 10**9, "gib": 2**30}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
@@ -97,8 +97,6 @@ def check_budget(config: Any) -> None:
         raise ConfigError(f"target_ratio must be a positive number, got {ratio!r}")
     if config.target_size is not None and ratio is not None:
         raise ConfigError("give target_size or target_ratio, not both")
-    if config.float_bits not in (16, 32):
-        raise ConfigError(f"float_bits must be 32 or 16, got {config.float_bits!r}")
     reserve = config.header_reserve
     if isinstance(reserve, bool) or not isinstance(reserve, int) or reserve < 0:
         raise ConfigError(f"header_reserve must be a whole number of bytes >= 0, got {reserve!r}")

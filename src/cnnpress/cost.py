@@ -17,6 +17,7 @@ from rich.table import Table
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from cnnpress.floats import stored_float_bits
 from cnnpress.format.layout import folds
 from cnnpress.methods import method_for
 from cnnpress.methods.base import LayerCost
@@ -162,6 +163,18 @@ def inference_numel(module: nn.Module) -> int:
     return n
 
 
+def _stored_float_bits(module: nn.Module, float_bits: int, fold_batchnorm: bool) -> int:
+    """Bits of a module kept in floats: its parameters and inference buffers (a folded
+    BatchNorm: a scale and a shift per channel) at ``float_bits`` (:mod:`cnnpress.floats`)."""
+    if folds(module, fold_batchnorm):
+        return 2 * stored_float_bits((module.num_features,), float_bits)
+    tensors = list(module.parameters(recurse=False))
+    tensors += [b for n, b in module.named_buffers(recurse=False) if n not in _SKIP_BUFFERS]
+    return sum(
+        stored_float_bits(tuple(t.shape), float_bits) for t in tensors if torch.is_floating_point(t)
+    )
+
+
 def _weight_count(module: nn.Module) -> int:
     if hasattr(module, "fp32_bits"):
         return module.fp32_bits() // 32
@@ -179,8 +192,8 @@ def summary(
     Args:
         model: Any model; layers of registered methods are costed by their method.
         input_shape: Shape of one input without the batch dimension.
-        float_bits: Width at which floating-point tensors are stored (32, or 16 for a file
-            saved with float16); the fp32 reference stays at 32 bits.
+        float_bits: Width at which floating-point tensors are stored (32, 16, or 8 for int8
+            with scales: :mod:`cnnpress.floats`); the fp32 reference stays at 32 bits.
         fold_batchnorm: BatchNorm stored as 2 values per channel (scale and shift), as
             ``cnnpress.save(..., fold_batchnorm=True)`` writes it.
 
@@ -221,9 +234,9 @@ def summary(
             cost: LayerCost = method.cost(module, shapes.get(name, input_shape), float_bits)
         else:
             numel = inference_numel(module)
-            stored = 2 * module.num_features if folds(module, fold_batchnorm) else numel
+            stored = _stored_float_bits(module, float_bits, fold_batchnorm)
             macs = sum(flops.get(f"{prefix}.{name}", {}).values()) // 2
-            cost = LayerCost(stored_bits=float_bits * stored, fp32_bits=32 * numel, macs=macs)
+            cost = LayerCost(stored_bits=stored, fp32_bits=32 * numel, macs=macs)
         rows.append(
             SummaryRow(
                 name,

@@ -59,6 +59,7 @@ _METHOD_FLAGS = {
 #: Flags that switch a storage setting on (``--float16`` means ``float_bits: 16``).
 _STORAGE_FLAGS = {
     "float16": ("float_bits", 16),
+    "int8": ("float_bits", 8),
     "fold_batchnorm": ("fold_batchnorm", True),
     "entropy": ("entropy", True),
 }

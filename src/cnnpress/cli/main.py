@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--float16", action="store_true", help="store unpacked floats as float16")
     p.add_argument(
+        "--int8", action="store_true", help="store unpacked floats as int8 with scales per row"
+    )
+    p.add_argument(
         "--fold-batchnorm", action="store_true", help="store BatchNorm folded (inference only)"
     )
     p.add_argument(

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from cnnpress.errors import CnnpressError
+from cnnpress.floats import FLOAT_BITS, check_float_bits
 from cnnpress.format.layout import (
     Entry,
     decode,
@@ -69,6 +70,7 @@ def save(
     path: str | Path,
     *,
     float16: bool | None = None,
+    float_bits: int | None = None,
     fold_batchnorm: bool | None = None,
     entropy: bool | None = None,
     dataset: dict[str, Any] | None = None,
@@ -80,14 +82,16 @@ def save(
         model: A model built by ``cnnpress.models.create`` (and maybe ``cnnpress.compress``).
         path: Destination.
         float16: Store the floating-point tensors that are not bit-packed (BatchNorm, biases,
-            scales, uncompressed layers) as float16 instead of float32.
+            scales, uncompressed layers) as float16 instead of float32 (``float_bits=16``).
+        float_bits: The width of those floats: 32, 16, or 8 (int8 with a float32 scale per
+            row, :mod:`cnnpress.floats`); overrides ``float16``.
         fold_batchnorm: Store each BatchNorm as its inference scale and shift (2 values per
             channel instead of 4). The loaded model computes the same function in eval mode;
             its BatchNorm statistics are gone, so it is for inference, not further training.
         entropy: Huffman-code the packed integer streams of 2+ bits (SLBF selections,
             cluster indices) wherever that is smaller; the manifest records each coded size.
-            For ``float16``, ``fold_batchnorm`` and ``entropy``, ``None`` (the default) takes
-            the setting recorded in the model's method config (``float_bits: 16``,
+            For ``float_bits``, ``fold_batchnorm`` and ``entropy``, ``None`` (the default) takes
+            the setting recorded in the model's method config (``float_bits``,
             ``fold_batchnorm``, ``entropy``, as SLBF with a size budget records them), else off.
         dataset: Dataset spec (``DatasetSpec.to_dict()``); default ``model.cnnpress_dataset``.
         provenance: Command, commit, accuracy...; default ``model.cnnpress_provenance``.
@@ -96,13 +100,15 @@ def save(
 
     recorded = getattr(model, "cnnpress_method", None)
     wanted = (recorded or {}).get("config") or {}
-    if float16 is None:
-        float16 = wanted.get("float_bits") == 16
+    if float_bits is None:
+        float_bits = 16 if float16 else 32 if float16 is not None else None
+    if float_bits is None:
+        float_bits = int(wanted.get("float_bits", 32))
+    check_float_bits(float_bits)
     if fold_batchnorm is None:
         fold_batchnorm = bool(wanted.get("fold_batchnorm", False))
     if entropy is None:
         entropy = bool(wanted.get("entropy", False))
-    float_bits = 16 if float16 else 32
     if recorded:
         from cnnpress.methods import get as get_method
 
@@ -226,7 +232,7 @@ def load(path: str | Path) -> nn.Module:
     manifest, payload, _ = _parse(path)
     model = _build(path, manifest)
     float_bits = manifest.get("float_bits", 32)
-    if float_bits not in (16, 32):
+    if float_bits not in FLOAT_BITS:
         raise _fail(path, f"unsupported float width {float_bits}")
     fold = bool(manifest.get("fold_batchnorm", False))
     expected = layout(model, float_bits, fold_batchnorm=fold)

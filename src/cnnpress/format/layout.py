@@ -2,8 +2,9 @@
 
 Layers of registered methods store what their method's ``pack`` returns; every other module
 stores its own parameters and the buffers inference needs (BatchNorm running statistics,
-not ``num_batches_tracked``) as float32 or float16. The order is the model's module order,
-so the file needs no tensor names: the loader rebuilds the model and derives the same list.
+not ``num_batches_tracked``) as float32, float16 or int8 with scales (:mod:`cnnpress.floats`).
+The order is the model's module order, so the file needs no tensor names: the loader rebuilds
+the model and derives the same list.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cnnpress.floats import float_encoding, q8_decode, q8_encode, stored_float_bits
 from cnnpress.format.bitpack import pack_bits, packed_size, unpack_bits
 from cnnpress.format.entropy import huffman_decode, huffman_encode, huffman_size
 from cnnpress.methods import method_for
@@ -66,6 +68,8 @@ def nbytes(encoding: str, shape: tuple[int, ...]) -> int:
         return 4 * count
     if encoding == "f2":
         return 2 * count
+    if encoding == "q8":
+        return stored_float_bits(shape, 8) // 8
     return packed_size(count, int(encoding[1:]))
 
 
@@ -75,6 +79,8 @@ def encode(entry: Entry) -> bytes:
         return np.ascontiguousarray(entry.values, dtype="<f4").tobytes()
     if entry.encoding == "f2":
         return np.ascontiguousarray(entry.values, dtype="<f2").tobytes()
+    if entry.encoding == "q8":
+        return q8_encode(np.asarray(entry.values))
     if entry.encoding.startswith("h"):
         return huffman_encode(np.asarray(entry.values), 1 << int(entry.encoding[1:]))
     return pack_bits(np.asarray(entry.values), int(entry.encoding[1:]))
@@ -85,6 +91,8 @@ def decode(data: bytes, encoding: str, shape: tuple[int, ...]) -> np.ndarray:
     count = int(np.prod(shape, dtype=np.int64))
     if encoding in ("f4", "f2"):
         arr = np.frombuffer(data, dtype="<" + encoding, count=count).astype(np.float32)
+    elif encoding == "q8":
+        arr = q8_decode(data, shape)
     elif encoding.startswith("h"):
         arr = huffman_decode(data, 1 << int(encoding[1:]), count)
     else:
@@ -169,7 +177,7 @@ def layout(
     With ``fold_batchnorm`` each affine BatchNorm stores two values per channel (the
     inference scale and shift) instead of four (weight, bias, running mean and variance).
     """
-    enc = "f2" if float_bits == 16 else "f4"
+    enc = float_encoding(float_bits)
     entries: list[Entry] = []
     for mod_name, module in model.named_modules():
         method = method_for(module)

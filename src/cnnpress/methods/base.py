@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 from torch import nn
 
 from cnnpress.errors import ConfigError
+from cnnpress.floats import check_float_bits
 from cnnpress.registry import Registry
 
 __all__ = [
@@ -61,8 +62,9 @@ class MethodConfig:
         layers: Per-layer overrides, ``{name-or-glob: {setting: value}}``, applied in order.
             A value of ``None`` or ``{"skip": True}`` keeps the layer in fp32;
             ``{"include": True}`` compresses a layer the default rule leaves alone.
-        float_bits: Float width of the saved file: 16 stores the floats that are not
-            bit-packed (BatchNorm, scales, biases, centroids, uncompressed layers) as float16.
+        float_bits: Float width of the saved file for the floats that are not bit-packed
+            (BatchNorm, scales, biases, centroids, uncompressed layers): 32, 16 (float16) or
+            8 (int8 with a float32 scale per row, :mod:`cnnpress.floats`).
         fold_batchnorm: Store each BatchNorm folded into a scale and a shift (the file is then
             for inference, not further training).
         entropy: Huffman-code the packed integer streams (SLBF selections, cluster indices)
@@ -78,8 +80,7 @@ class MethodConfig:
     entropy: bool = False
 
     def __post_init__(self) -> None:
-        if self.float_bits not in (16, 32):
-            raise ConfigError(f"float_bits must be 16 or 32, got {self.float_bits!r}")
+        check_float_bits(self.float_bits)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able settings."""
@@ -199,7 +200,9 @@ class Method:
     def pack(self, layer: nn.Module, float_bits: int = 32) -> dict[str, tuple[str, Any]]:
         """The exact stored form: ``{name: (encoding, numpy array)}``.
 
-        Encodings: ``"f4"`` float32, ``"f2"`` float16, ``"uB"`` unsigned integers of B bits.
+        Encodings: ``"f4"`` float32, ``"f2"`` float16, ``"q8"`` int8 with scales
+        (:func:`cnnpress.floats.float_encoding` of ``float_bits`` for floats), ``"uB"``
+        unsigned integers of B bits.
         """
         raise NotImplementedError
 

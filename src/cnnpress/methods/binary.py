@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnpress.errors import ConfigError
+from cnnpress.floats import float_encoding, stored_float_bits
 from cnnpress.methods.base import (
     METHODS,
     MODEL_SETTINGS,
@@ -199,7 +200,9 @@ class _BinaryBase(nn.Module):
 
     def stored_bits(self, float_bits: int = 32) -> int:
         """n*c*kh*kw sign bits + ``float_bits`` per alpha, scale, beta and bias value."""
-        return self.weight.numel() + float_bits * self.float_count()
+        sizes = [self.out_channels] if self.has_alpha else []
+        sizes += [t.numel() for t in (self.scale, self.shift, self.bias) if t is not None]
+        return self.weight.numel() + sum(stored_float_bits((k,), float_bits) for k in sizes)
 
     def fp32_bits(self) -> int:
         """Bits of the dense float32 layer this one replaces (weights and bias)."""
@@ -448,7 +451,7 @@ class _BinaryMethod(Method):
 
     def pack(self, layer: nn.Module, float_bits: int = 32) -> dict[str, tuple[str, Any]]:
         """Signs at 1 bit (1 = +1, the weight's shape); alpha, scale, shift, bias as floats."""
-        enc = "f2" if float_bits == 16 else "f4"
+        enc = float_encoding(float_bits)
         arrays: dict[str, tuple[str, Any]] = {
             "sign": ("u1", (layer.signs() > 0).to(torch.uint8).cpu().numpy())
         }

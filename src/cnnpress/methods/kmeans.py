@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from cnnpress.errors import ConfigError
+from cnnpress.floats import float_encoding, stored_float_bits
 from cnnpress.methods.base import (
     METHODS,
     LayerCost,
@@ -231,14 +232,15 @@ class KMeans(Method):
         """Codebook + indices + positions + bias bits; ``z`` MACs per output position."""
         kept = layer.record[0] if layer.mask is not None else layer.numel()
         bias = layer.bias.numel() if layer.bias is not None else 0
-        bits = (layer.centroids.numel() + bias) * float_bits + kept * layer.bits
+        bits = stored_float_bits(tuple(layer.centroids.shape), float_bits) + kept * layer.bits
+        bits += stored_float_bits((bias,), float_bits)
         if layer.mask is not None:
             bits += position_bits(layer.record)
         return LayerCost(bits, layer.fp32_bits(), macs=kept * layer.pixels(input_shape))
 
     def pack(self, layer: nn.Module, float_bits: int = 32) -> dict[str, tuple[str, Any]]:
         """Codebook (float), indices at ``bits`` each, positions when sparse, bias."""
-        enc = "f2" if float_bits == 16 else "f4"
+        enc = float_encoding(float_bits)
         arrays = {
             "codebook": (enc, layer.centroids.detach().cpu().numpy()),
             "indices": (f"u{layer.bits}", layer.indices().cpu().numpy()),

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnpress.errors import ConfigError
+from cnnpress.floats import float_encoding, stored_float_bits
 from cnnpress.methods.base import (
     METHODS,
     LayerCost,
@@ -375,27 +376,27 @@ class LowRank(Method):
         self, layer: nn.Module, input_shape: tuple[int, ...], float_bits: int = 32
     ) -> LayerCost:
         """Bits of the factors and bias; MACs of the factor maps (module docstring)."""
-        bias = layer.bias.numel() if layer.bias is not None else 0
         if isinstance(layer, LowRankConv2d):
             n, c, (kh, kw) = layer.out_channels, layer.in_channels, layer.kernel_size
             _, h, w = input_shape
             (sh, sw), (ph, pw), (dh, dw) = layer.stride, layer.padding, layer.dilation
             oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
             ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-            shape: tuple[int, ...] = (n, c, kh, kw)
             macs = h * w * c * layer.r_in + oh * ow * (
                 layer.r_out * layer.r_in * kh * kw + n * layer.r_out
             )
         else:
-            shape = (layer.out_features, layer.in_features)
             rows = math.prod(input_shape[:-1]) if len(input_shape) > 1 else 1
             macs = rows * layer.rank * (layer.in_features + layer.out_features)
-        stored = float_bits * (factor_weights(shape, layer.ranks) + bias)
+        tensors = [getattr(layer, n, None) for n in ("first", "core", "last", "bias")]
+        stored = sum(
+            stored_float_bits(tuple(t.shape), float_bits) for t in tensors if t is not None
+        )
         return LayerCost(stored, layer.fp32_bits(), macs)
 
     def pack(self, layer: nn.Module, float_bits: int = 32) -> dict[str, tuple[str, Any]]:
         """The factors (``first``, ``core`` for conv, ``last``) and bias as ``f4``/``f2``."""
-        enc = "f2" if float_bits == 16 else "f4"
+        enc = float_encoding(float_bits)
         names = ("first", "core", "last", "bias")
         return {
             n: (enc, getattr(layer, n).detach().cpu().numpy())

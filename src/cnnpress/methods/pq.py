@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnpress.errors import ConfigError
+from cnnpress.floats import float_encoding, stored_float_bits
 from cnnpress.methods.base import (
     METHODS,
     LayerCost,
@@ -188,8 +189,9 @@ class _PQBase(nn.Module):
 
     def stored_bits(self, float_bits: int = 32) -> int:
         """Codebook floats + ``bits`` per code + ``float_bits`` per bias."""
-        floats = self.codebooks.numel() + (self.out_channels if self.bias is not None else 0)
-        return float_bits * floats + self.codes.numel() * self.bits
+        bias = self.out_channels if self.bias is not None else 0
+        floats = stored_float_bits(tuple(self.codebooks.shape), float_bits)
+        return floats + stored_float_bits((bias,), float_bits) + self.codes.numel() * self.bits
 
     def fp32_bits(self) -> int:
         """Bits of the dense float32 layer this one replaces (weights and bias)."""
@@ -359,7 +361,7 @@ class PQ(Method):
 
     def pack(self, layer: nn.Module, float_bits: int = 32) -> dict[str, tuple[str, Any]]:
         """Codebooks and bias as ``f4``/``f2``, codes as ``u<bits>``."""
-        enc = "f2" if float_bits == 16 else "f4"
+        enc = float_encoding(float_bits)
         arrays: dict[str, tuple[str, Any]] = {
             "codebooks": (enc, layer.codebooks.detach().cpu().numpy()),
             "codes": (f"u{layer.bits}", layer.codes.cpu().numpy()),

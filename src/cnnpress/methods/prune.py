@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from cnnpress.errors import ConfigError
+from cnnpress.floats import float_encoding, stored_float_bits
 from cnnpress.methods.base import (
     METHODS,
     LayerCost,
@@ -194,12 +195,13 @@ class MagnitudePrune(Method):
         """``z * f`` value bits + position bits + bias; ``z`` MACs per output position."""
         kept = layer.record[0]
         bias = layer.bias.numel() if layer.bias is not None else 0
-        bits = (kept + bias) * float_bits + position_bits(layer.record)
+        bits = stored_float_bits((kept,), float_bits) + stored_float_bits((bias,), float_bits)
+        bits += position_bits(layer.record)
         return LayerCost(bits, layer.fp32_bits(), macs=kept * layer.pixels(input_shape))
 
     def pack(self, layer: nn.Module, float_bits: int = 32) -> dict[str, tuple[str, Any]]:
         """Kept values (C order), their positions, the bias."""
-        enc = "f2" if float_bits == 16 else "f4"
+        enc = float_encoding(float_bits)
         positions = layer.positions()
         arrays = {
             "values": (enc, layer.weight.detach()[layer.mask].cpu().numpy()),

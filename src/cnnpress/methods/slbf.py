@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnpress.errors import ConfigError
+from cnnpress.floats import float_encoding, stored_float_bits
 from cnnpress.methods.base import (
     METHODS,
     LayerCost,
@@ -125,6 +126,8 @@ class _SLBFBase(nn.Module):
         self.slice_channels, self.num_filters = slice_channels, num_filters
         self.num_slices = in_channels // slice_channels
         self.has_scale = bool(scale)
+        self.revive_unused = True  # ablation switches (SLBFConfig): re-seed unused filters,
+        self.latent_gain = True  # divide the latent gradient by mean |w_i|
         kh, kw = kernel_size
         self.latent = nn.Parameter(torch.empty(out_channels, in_channels, kh, kw))
         self.register_buffer("binary_bank", torch.ones(num_filters, slice_channels, kh, kw))
@@ -174,7 +177,7 @@ class _SLBFBase(nn.Module):
         x = unit_slices(self.latent, self.slice_channels).reshape(n * s, -1)
         bank = self.binary_bank.reshape(m, -1).to(x.dtype)
         for _ in range(rounds):
-            bank = lloyd_step(x, bank, n, s)
+            bank = lloyd_step(x, bank, n, s, self.revive_unused)
         self.binary_bank.copy_(bank.view_as(self.binary_bank))
         self.selection.copy_((x @ bank.T).argmax(1).view(n, s))
 
@@ -186,6 +189,8 @@ class _SLBFBase(nn.Module):
         """
         w = self.binary_filters().to(self.latent.dtype)
         gain = self.latent.detach().abs().flatten(1).mean(1).clamp_min(_TINY)
+        if not self.latent_gain:
+            gain = torch.ones_like(gain)
         w = w + (self.latent - self.latent.detach()) / gain.view(-1, 1, 1, 1)
         if self.has_scale:
             w = w * self.scale.view(-1, 1, 1, 1)
@@ -222,7 +227,7 @@ class _SLBFBase(nn.Module):
         bits = self.num_filters * self.slice_channels * kh * kw
         bits += self.out_channels * self.num_slices * index_bits(self.num_filters)
         floats = self.has_scale + (self.bias is not None)
-        return bits + float_bits * self.out_channels * floats
+        return bits + floats * stored_float_bits((self.out_channels,), float_bits)
 
     def fp32_bits(self) -> int:
         """Bits of the dense float32 layer this one replaces (weights and bias)."""
@@ -247,7 +252,9 @@ def unit_slices(weight: torch.Tensor, slice_channels: int) -> torch.Tensor:
     return w.reshape(n, c // slice_channels, slice_channels * kk)
 
 
-def lloyd_step(x: torch.Tensor, bank: torch.Tensor, n: int, s: int) -> torch.Tensor:
+def lloyd_step(
+    x: torch.Tensor, bank: torch.Tensor, n: int, s: int, revive: bool = True
+) -> torch.Tensor:
     """One k-means step with binary centroids over the slices ``x`` (n*s, D) of n filters.
 
     Each slice goes to the bank filter it agrees with most (``argmax_t <x, B_t>``); each used
@@ -261,7 +268,7 @@ def lloyd_step(x: torch.Tensor, bank: torch.Tensor, n: int, s: int) -> torch.Ten
     used = torch.bincount(idx, minlength=bank.shape[0]) > 0
     new = torch.where(used.unsqueeze(1), binary_sign(votes), bank)
     empty = (~used).nonzero().flatten()
-    if empty.numel():
+    if revive and empty.numel():
         gap = x.abs().sum(1) - (x @ new.T).max(1).values
         worst = gap.topk(min(empty.numel(), gap.numel())).indices
         new[empty[: worst.numel()]] = binary_sign(x[worst])
@@ -407,6 +414,10 @@ class SLBFConfig(MethodConfig):
         slice_channels: Slice width ``d`` (must divide each compressed layer's input channels).
         num_filters: Bank size ``m`` per layer (2 to 2**16).
         scale: Per-filter scales: ``None`` means on exactly where no BatchNorm follows.
+        revive_unused: Re-seed a bank filter nobody selects from the worst-fitting slice at
+            each training step (off only for the ablation).
+        latent_gain: Divide the latent filters' straight-through gradient by each filter's
+            mean ``|w_i|`` (off only for the ablation: the plain straight-through gradient).
         init: "random" (fresh bank and selections), "weights" (cluster the replaced layer's
             weights, ``cnnpress.methods.slbf_init``) or "auto" (= "weights": it is cheap).
         target_size: A file size budget: bytes (int) or a string such as "12KB" (KB = 1000
@@ -425,6 +436,8 @@ class SLBFConfig(MethodConfig):
     slice_channels: int = 8
     num_filters: int = 16
     scale: bool | None = None
+    revive_unused: bool = True
+    latent_gain: bool = True
     init: str = "auto"
     target_size: int | str | None = None
     target_ratio: float | None = None
@@ -498,6 +511,7 @@ class SLBF(Method):
                 new = SLBFLinear.from_linear(
                     module, settings.slice_channels, settings.num_filters, scale
                 )
+            new.revive_unused, new.latent_gain = settings.revive_unused, settings.latent_gain
             new.to(next(module.parameters()).device)
             if slbf_init.wants_weights(settings.init):
                 slbf_init.init_from_module(new, module, batchnorms.get(name))
@@ -529,7 +543,7 @@ class SLBF(Method):
             "bank": ("u1", (layer.bank() > 0).to(torch.uint8).cpu().numpy()),
             "indices": (f"u{index_bits(layer.num_filters)}", layer.indices().cpu().numpy()),
         }
-        enc = "f2" if float_bits == 16 else "f4"
+        enc = float_encoding(float_bits)
         for name in ("scale", "bias"):
             tensor = getattr(layer, name)
             if tensor is not None:
