@@ -72,6 +72,12 @@ def test_report_holds_one_record_per_run_measured_from_its_file(compared):
     assert runs["slbf"]["start"] == "trained weights" and runs["bwn"]["start"].endswith("+ KD")
     assert runs["slbf"]["init_accuracy"] is not None  # measured before fine-tuning
     assert [e for e, _ in runs["slbf"]["curve"]] == [-1, 0]
+    assert [e for e, _ in runs["slbf"]["train_curve"]] == [0]
+    # SLBF reports what training changed in its bank and selections; BWN reports nothing
+    (learned,) = runs["slbf"]["learning"]
+    assert learned["epoch"] == 0 and len(learned["layers"]) == 18
+    assert learned["bits_flipped"] == sum(v["bits_flipped"] for v in learned["layers"].values())
+    assert runs["bwn"]["learning"] == []
     md = (report / "results.md").read_text()
     assert "Two epochs on synthetic data." in md and md.count("\n| ") == 5
     assert (report / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -141,3 +147,26 @@ def test_pareto_front_and_table():
     ]  # fmt: skip
     text = table(records)
     assert "| b | slbf |" in text and "-1.50" in text and "100.0x" in text
+
+
+def test_a_run_from_a_file_is_measured_not_trained_and_serves_as_init(compared, tmp_path):
+    tmp, _, _ = compared
+    recipe = {
+        **RECIPE,
+        "runs": [
+            {"name": "given", "file": str(tmp / "runs" / "fp32" / "model.cnnp")},
+            {"name": "bwn", "method": "bwn", "init": "given", "distill": {"teacher": "given"}},
+        ],
+    }
+    path = write(tmp_path, recipe)
+    resolved = dict(load_recipe(path)["resolved"])
+    assert resolved["bwn"]["init"] == resolved["given"]["file"]
+    assert resolved["bwn"]["distill"]["teacher"] == resolved["given"]["file"]
+    trained = []
+
+    def train_run(cfg):
+        trained.append(cfg["out"])
+        return {}
+
+    result = run_comparison(path, train_run, measure=lambda done: [d[0] for d in done])
+    assert result["runs"] == ["given", "bwn"] and trained == [resolved["bwn"]["out"]]

@@ -249,12 +249,16 @@ def _train_curve(metrics: Path) -> list[list[float]]:
 
 
 def _learning(metrics: Path) -> list[dict[str, Any]]:
-    """Per epoch: what training changed in the discrete parts (totals; see ``metrics.jsonl``
-    for the layers), for the methods that report it."""
+    """Per epoch: what training changed in the discrete parts, in total and per layer (the
+    ``learning`` records of ``metrics.jsonl``), for the methods that report it."""
     if not metrics.is_file():
         return []
     lines = [json.loads(x) for x in metrics.read_text().splitlines() if x]
-    return [{"epoch": m["epoch"], **m["learning"]["total"]} for m in lines if "learning" in m]
+    return [
+        {"epoch": m["epoch"], **m["learning"]["total"], "layers": m["learning"]["layers"]}
+        for m in lines
+        if "learning" in m
+    ]
 
 
 def measure_runs(
