@@ -14,6 +14,7 @@ import cnnpress
 from cnnpress.budget import file_size, fp32_bytes, parse_size, plan
 from cnnpress.data import get_spec
 from cnnpress.errors import ConfigError
+from cnnpress.format import read_info
 from cnnpress.methods.slbf import SLBFConfig, SLBFConv2d
 
 FAST = {"float_bits": 16, "budget_max_filters": 8}  # small candidate lists keep tests quick
@@ -172,10 +173,11 @@ def test_cli_budget_flags(tmp_path, capsys):
     assert main([*argv, "--out", str(out), "--target-ratio", "100000"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("cnnpress: error: the budget of") and "\n" not in err
-    assert "float_bits=16, fold_batchnorm, entropy" in err
-    flags = ["--target-size", "6KB", "--float16", "--fold-batchnorm", "--entropy"]
+    assert "float_bits=8, fold_batchnorm, entropy" in err
+    flags = ["--target-size", "6KB", "--int8", "--fold-batchnorm", "--entropy"]
     assert main([*argv, "--out", str(out), *flags]) == 0
     assert (out / "model.cnnp").stat().st_size <= 6_000
+    assert read_info(out / "model.cnnp")["manifest"]["float_bits"] == 8
     result = json.loads(capsys.readouterr().out)
     assert result["budget"] == {"target_size": "6KB", "target_ratio": None}
     saved = yaml.safe_load((out / "config.yaml").read_text())["method_config"]

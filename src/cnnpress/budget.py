@@ -278,7 +278,7 @@ def plan(model: nn.Module, config: Any) -> Plan:
         smaller = [
             flag
             for flag, off in (
-                ("float_bits=16", config.float_bits != 16),
+                ("float_bits=8", config.float_bits != 8),
                 ("fold_batchnorm", not config.fold_batchnorm),
                 ("entropy", not config.entropy),
             )
