@@ -17,7 +17,7 @@ setup: $(STAMP)
 data:
 	@scripts/ensure-data.sh
 
-# Compress the shipped trained ResNet-20 with SLBF to a 40 KB file on Fashion-MNIST (a few
+# Compress the shipped trained ResNet-20 with SLBF to a 20 KB file on Fashion-MNIST (a few
 # minutes on two cores) and print the before/after table and the per-layer size table.
 demo: setup data
 	rm -rf runs/demo
