@@ -219,3 +219,17 @@ def test_stored_bits_follow_the_formula():
     assert index_bits(2) == 1 and index_bits(16) == 4 and index_bits(17) == 5
     scaled = SLBFConv2d(64, 32, 3, slice_channels=8, num_filters=24, scale=True, bias=True)
     assert scaled.stored_bits() == layer.stored_bits() + 2 * 32 * n
+
+
+@pytest.mark.parametrize(
+    ("conv", "message"),
+    [
+        (nn.Conv2d(8, 8, 3, groups=4), "grouped convs"),
+        (nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"), "'reflect'"),
+    ],
+)
+def test_a_conv_slbf_cannot_represent_is_refused_by_name(conv, message):
+    net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), conv)
+    with pytest.raises(ConfigError, match=f"layer 2: .*{message}") as info:
+        cnnpress.compress(net, "slbf", layers={"2": {"include": True}}, slice_channels=4)
+    assert "\n" not in str(info.value)

@@ -462,6 +462,20 @@ class SLBFConfig(MethodConfig):
         check_budget(self)
 
 
+def _check_representable(conv: nn.Conv2d, name: str) -> None:
+    """Refuse a conv the SLBF layer would silently compute differently (one line)."""
+    if conv.groups != 1:
+        raise ConfigError(
+            f"layer {name}: SLBF does not represent grouped convs (groups={conv.groups}); "
+            f"leave it out (layers: {{{name}: null}})"
+        )
+    if conv.padding_mode != "zeros":
+        raise ConfigError(
+            f"layer {name}: SLBF pads with zeros, this conv with {conv.padding_mode!r}; "
+            f"leave it out (layers: {{{name}: null}})"
+        )
+
+
 def _followed_by_batchnorm(model: nn.Module) -> set[str]:
     """Names of conv/linear layers whose next leaf module (definition order) is a BatchNorm."""
     names: set[str] = set()
@@ -504,6 +518,7 @@ class SLBF(Method):
             _check(c, settings.slice_channels, settings.num_filters, name)
             scale = settings.scale if settings.scale is not None else name not in with_bn
             if isinstance(module, nn.Conv2d):
+                _check_representable(module, name)
                 new: nn.Module = SLBFConv2d.from_conv(
                     module, settings.slice_channels, settings.num_filters, scale
                 )
