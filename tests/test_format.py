@@ -130,7 +130,7 @@ def test_manifest_carries_dataset_and_provenance(saved):
     assert model.cnnpress_provenance["test_accuracy"] == 91.23
 
 
-def _rewrite(path, tmp_path, edit=None, version=1, payload_edit=None):
+def _rewrite(path, tmp_path, edit=None, version=2, payload_edit=None):
     data = path.read_bytes()
     (length,) = struct.unpack_from("<I", data, 10)
     manifest = json.loads(zlib.decompress(data[14 : 14 + length]))
@@ -152,7 +152,7 @@ def _rewrite(path, tmp_path, edit=None, version=1, payload_edit=None):
         ("magic", "wrong magic"),
         ("flipped", "checksum mismatch"),
         ("newer", "newer than this cnnpress reads"),
-        ("shape", "the model needs"),
+        ("coded", "no packed integer stream"),
         ("count", "arrays, the model needs"),
         ("payload", "payload holds"),
         ("arch", "not-a-net"),
@@ -173,11 +173,11 @@ def test_bad_files_raise_one_line_format_error(saved, tmp_path, case, needle):
     elif case == "flipped":
         bad.write_bytes(data[:500] + bytes([data[500] ^ 0x10]) + data[501:])
     elif case == "newer":
-        bad = _rewrite(path, tmp_path, version=2)
-    elif case == "shape":
-        bad = _rewrite(path, tmp_path, edit=lambda m: m["arrays"][0].__setitem__(1, [8, 1, 3, 3]))
+        bad = _rewrite(path, tmp_path, version=3)
+    elif case == "coded":
+        bad = _rewrite(path, tmp_path, edit=lambda m: m["coded"].__setitem__("0", 12))
     elif case == "count":
-        bad = _rewrite(path, tmp_path, edit=lambda m: m["arrays"].pop())
+        bad = _rewrite(path, tmp_path, edit=lambda m: m.__setitem__("count", m["count"] - 1))
     elif case == "payload":
         bad = _rewrite(path, tmp_path, payload_edit=lambda p: p + b"\x00")
     elif case == "arch":
@@ -329,3 +329,13 @@ def test_int8_floats_round_trip_within_half_a_step(shape, scale, seed):
         step = np.abs(rows).max(axis=1, keepdims=True) / 127.0
         err = np.abs(back.reshape(rows.shape) - rows)
         assert np.all(err <= 0.501 * step + 1e-30)  # half a step
+
+
+def test_a_format_1_file_still_loads():
+    """The shipped model was written in format 1 (every array's encoding and shape listed)."""
+    from cnnpress.pretrained import path as pretrained_path
+
+    info = read_info(pretrained_path("resnet20-fmnist"))
+    assert "arrays" in info["manifest"] and "count" not in info["manifest"]
+    model = load("pretrained:resnet20-fmnist")
+    assert model(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
