@@ -61,6 +61,16 @@ def test_config_round_trip(compressed):
     assert {k: v.shape for k, v in again.state_dict().items()} == shapes
 
 
+def assert_bits_are_bytes(summary, info, name: str) -> None:
+    """Each summary row's stored bits are its bytes in the file, to a byte per array."""
+    per_row: dict[str, int] = {}
+    for arr in info["arrays"]:
+        per_row[arr["module"]] = per_row.get(arr["module"], 0) + 1
+    for row in summary.rows:
+        slack = 8 * per_row.get(row.name, 0)
+        assert 0 <= 8 * row.file_bytes - row.stored_bits < max(slack, 1), (name, row.name)
+
+
 def test_pack_unpack_same_outputs_and_honest_size(compressed, tmp_path):
     name, net = compressed
     randomise_batchnorm(net)
@@ -76,12 +86,7 @@ def test_pack_unpack_same_outputs_and_honest_size(compressed, tmp_path):
     assert written == os.path.getsize(path) == info["file_bytes"]
     summary = cnnpress.summary(net, (1, 28, 28))
     summary.attach_file(info)
-    per_row: dict[str, int] = {}
-    for arr in info["arrays"]:
-        per_row[arr["module"]] = per_row.get(arr["module"], 0) + 1
-    for row in summary.rows:
-        slack = 8 * per_row.get(row.name, 0)
-        assert 0 <= 8 * row.file_bytes - row.stored_bits < max(slack, 1), (name, row.name)
+    assert_bits_are_bytes(summary, info, name)
 
 
 def test_file_is_smaller_than_fp32(compressed, tmp_path):
@@ -104,12 +109,7 @@ def test_honest_size_at_every_float_width(compressed, tmp_path, float_bits):
     assert info["manifest"]["float_bits"] == float_bits
     summary = cnnpress.summary(net, (1, 28, 28), float_bits=float_bits, fold_batchnorm=True)
     summary.attach_file(info)
-    per_row: dict[str, int] = {}
-    for arr in info["arrays"]:
-        per_row[arr["module"]] = per_row.get(arr["module"], 0) + 1
-    for row in summary.rows:
-        slack = 8 * per_row.get(row.name, 0)
-        assert 0 <= 8 * row.file_bytes - row.stored_bits < max(slack, 1), (name, row.name)
+    assert_bits_are_bytes(summary, info, name)
     x = torch.randn(3, 1, 28, 28)
     with torch.no_grad():
         a, b = net(x), cnnpress.load(path)(x)

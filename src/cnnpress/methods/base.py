@@ -26,6 +26,7 @@ __all__ = [
     "Method",
     "MethodConfig",
     "config_from_dict",
+    "following_batchnorm",
     "replace_module",
     "select_layers",
 ]
@@ -153,6 +154,22 @@ def select_layers(
     if unused:
         raise ConfigError(f"layer pattern(s) {', '.join(unused)} match no layer of the model")
     return chosen
+
+
+def following_batchnorm(model: nn.Module) -> dict[str, nn.Module]:
+    """For each conv/linear layer whose next leaf module is a BatchNorm of its width: that BN."""
+    found: dict[str, nn.Module] = {}
+    previous: tuple[str, nn.Module] | None = None
+    for name, module in model.named_modules():
+        if next(module.children(), None) is not None:
+            continue
+        if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)) and previous is not None:
+            prev_name, prev = previous
+            width = getattr(prev, "out_channels", getattr(prev, "out_features", None))
+            if width == module.num_features:
+                found[prev_name] = module
+        previous = (name, module) if isinstance(module, (nn.Conv2d, nn.Linear)) else None
+    return found
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

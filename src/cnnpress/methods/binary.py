@@ -62,10 +62,10 @@ from cnnpress.methods.base import (
     Method,
     MethodConfig,
     config_from_dict,
+    following_batchnorm,
     replace_module,
     select_layers,
 )
-from cnnpress.methods.slbf import _followed_by_batchnorm
 from cnnpress.quantizers import binary_sign, sign_ste
 
 __all__ = [
@@ -399,7 +399,7 @@ class _BinaryMethod(Method):
     layer_types = (BinaryConv2d, BinaryLinear)
 
     def convert(self, model: nn.Module, config: BinaryConfig) -> nn.Module:
-        with_bn = _followed_by_batchnorm(model)
+        with_bn = following_batchnorm(model)
         cls = type(config)
         base = {f.name: getattr(config, f.name) for f in dataclasses.fields(cls)}
         for name, module, overrides in select_layers(model, config):

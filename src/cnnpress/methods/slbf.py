@@ -58,9 +58,11 @@ from cnnpress.methods.base import (
     Method,
     MethodConfig,
     config_from_dict,
+    following_batchnorm,
     replace_module,
     select_layers,
 )
+from cnnpress.methods.binary_kmeans import lloyd_step, unit_slices
 from cnnpress.quantizers import binary_sign
 
 __all__ = [
@@ -70,9 +72,7 @@ __all__ = [
     "SLBFLinear",
     "index_bits",
     "learning_stats",
-    "lloyd_step",
     "snapshot",
-    "unit_slices",
 ]
 
 MAX_FILTERS = 2**16
@@ -241,38 +241,6 @@ class _SLBFBase(nn.Module):
             f"slice_channels={self.slice_channels}, num_filters={self.num_filters}, "
             f"scale={self.has_scale}, bias={self.bias is not None}, path={self.path}"
         )
-
-
-def unit_slices(weight: torch.Tensor, slice_channels: int) -> torch.Tensor:
-    """The unit-norm filters of ``weight`` (n, c[, kh, kw]) cut into slices: (n, s, d*kh*kw)."""
-    w = weight.detach().float()
-    w = w.reshape(w.shape[0], w.shape[1], -1)
-    n, c, kk = w.shape
-    w = w / w.flatten(1).norm(dim=1).clamp_min(_TINY).view(n, 1, 1)
-    return w.reshape(n, c // slice_channels, slice_channels * kk)
-
-
-def lloyd_step(
-    x: torch.Tensor, bank: torch.Tensor, n: int, s: int, revive: bool = True
-) -> torch.Tensor:
-    """One k-means step with binary centroids over the slices ``x`` (n*s, D) of n filters.
-
-    Each slice goes to the bank filter it agrees with most (``argmax_t <x, B_t>``); each used
-    bank filter becomes the sign of its members' vote weighted by their filter's fit
-    ``alpha_i`` (the L2-optimal bits for fixed selections); an unused one is re-seeded with
-    the sign of the slice the bank fits worst, so no stored filter stays dead.
-    """
-    idx = (x @ bank.T).argmax(1)
-    alpha = (x * bank[idx]).sum(1).view(n, s).sum(1).clamp_min(0)
-    votes = torch.zeros_like(bank).index_add_(0, idx, x * alpha.repeat_interleave(s)[:, None])
-    used = torch.bincount(idx, minlength=bank.shape[0]) > 0
-    new = torch.where(used.unsqueeze(1), binary_sign(votes), bank)
-    empty = (~used).nonzero().flatten()
-    if revive and empty.numel():
-        gap = x.abs().sum(1) - (x @ new.T).max(1).values
-        worst = gap.topk(min(empty.numel(), gap.numel())).indices
-        new[empty[: worst.numel()]] = binary_sign(x[worst])
-    return new
 
 
 class SLBFConv2d(_SLBFBase):
@@ -476,22 +444,6 @@ def _check_representable(conv: nn.Conv2d, name: str) -> None:
         )
 
 
-def _followed_by_batchnorm(model: nn.Module) -> set[str]:
-    """Names of conv/linear layers whose next leaf module (definition order) is a BatchNorm."""
-    names: set[str] = set()
-    previous: tuple[str, nn.Module] | None = None
-    for name, module in model.named_modules():
-        if next(module.children(), None) is not None:
-            continue  # containers carry no computation of their own
-        if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)) and previous is not None:
-            prev_name, prev = previous
-            width = getattr(prev, "out_channels", getattr(prev, "out_features", None))
-            if width == module.num_features:
-                names.add(prev_name)
-        previous = (name, module) if isinstance(module, (nn.Conv2d, nn.Linear)) else None
-    return names
-
-
 @METHODS.register("slbf")
 class SLBF(Method):
     """SLBF (Lan & Lan, AAAI 2021): every filter a stack of binary filters from a shared bank."""
@@ -509,14 +461,13 @@ class SLBF(Method):
     def convert(self, model: nn.Module, config: SLBFConfig) -> nn.Module:
         from cnnpress.methods import slbf_init
 
-        with_bn = _followed_by_batchnorm(model)
-        batchnorms = slbf_init.following_batchnorm(model)
+        batchnorms = following_batchnorm(model)
         base = {f.name: getattr(config, f.name) for f in dataclasses.fields(SLBFConfig)}
         for name, module, overrides in select_layers(model, config):
             settings = config_from_dict(SLBFConfig, {**base, **overrides, "layers": {}})
             c = module.in_channels if isinstance(module, nn.Conv2d) else module.in_features
             _check(c, settings.slice_channels, settings.num_filters, name)
-            scale = settings.scale if settings.scale is not None else name not in with_bn
+            scale = settings.scale if settings.scale is not None else name not in batchnorms
             if isinstance(module, nn.Conv2d):
                 _check_representable(module, name)
                 new: nn.Module = SLBFConv2d.from_conv(

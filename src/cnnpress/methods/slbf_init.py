@@ -39,7 +39,9 @@ import torch
 from torch import nn
 
 from cnnpress.errors import ConfigError
-from cnnpress.methods.slbf import _SLBFBase, unit_slices
+from cnnpress.methods.base import following_batchnorm
+from cnnpress.methods.binary_kmeans import binary_votes, lloyd_step, unit_slices
+from cnnpress.methods.slbf import _SLBFBase
 from cnnpress.quantizers import binary_sign
 
 __all__ = [
@@ -143,29 +145,14 @@ def cluster(
     gen = torch.Generator().manual_seed(seed)
     bank = _seed_bank(x, num_filters, gen)
     idx = (x @ bank.T).argmax(1)
-
-    def votes(idx: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
-        if weighted:
-            alpha = (x * bank[idx]).sum(1).view(n, s).sum(1).clamp_min(0) / (s * D)
-            x_w = x * alpha.repeat_interleave(s).unsqueeze(1)
-        else:
-            x_w = x
-        return torch.zeros_like(bank).index_add_(0, idx, x_w)
-
     for _ in range(iters):
-        used = torch.bincount(idx, minlength=num_filters) > 0
-        new_bank = torch.where(used.unsqueeze(1), binary_sign(votes(idx, bank)), bank)
-        empty = (~used).nonzero().flatten()
-        if empty.numel():  # re-seed unused centroids with the worst-fitting slices
-            gap = x.abs().sum(1) - (x @ new_bank.T).max(1).values
-            worst = gap.topk(min(empty.numel(), gap.numel())).indices
-            new_bank[empty[: worst.numel()]] = binary_sign(x[worst])
+        new_bank = lloyd_step(x, bank, n, s, weighted=weighted)
         new_idx = (x @ new_bank.T).argmax(1)
         stable = torch.equal(new_idx, idx) and torch.equal(new_bank, bank)
         bank, idx = new_bank, new_idx
         if stable:
             break
-    return bank, idx.view(n, s), votes(idx, bank)
+    return bank, idx.view(n, s), binary_votes(x, bank, idx, n, s, weighted)
 
 
 def init_from_dense(
@@ -212,22 +199,6 @@ def init_from_dense(
         "num_filters": m,
         "alpha": alpha,
     }
-
-
-def following_batchnorm(model: nn.Module) -> dict[str, nn.Module]:
-    """For each conv/linear layer whose next leaf module is a BatchNorm of its width: that BN."""
-    found: dict[str, nn.Module] = {}
-    previous: tuple[str, nn.Module] | None = None
-    for name, module in model.named_modules():
-        if next(module.children(), None) is not None:
-            continue
-        if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)) and previous is not None:
-            prev_name, prev = previous
-            width = getattr(prev, "out_channels", getattr(prev, "out_features", None))
-            if width == module.num_features:
-                found[prev_name] = module
-        previous = (name, module) if isinstance(module, (nn.Conv2d, nn.Linear)) else None
-    return found
 
 
 def init_from_module(
