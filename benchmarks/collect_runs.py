@@ -19,7 +19,7 @@ import yaml
 import cnnpress
 from cnnpress.data import DatasetSpec, Loader, load_dataset
 from cnnpress.format import read_info
-from cnnpress.provenance import provenance
+from cnnpress.provenance import ALLOW_DIRTY_HELP, require_clean_or_exit, result_provenance
 from cnnpress.train.checkpoint import load_model
 from cnnpress.train.loop import evaluate
 
@@ -90,10 +90,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", type=Path)
     p.add_argument("--out", type=Path)
+    p.add_argument("--allow-dirty", action="store_true", help=ALLOW_DIRTY_HELP)
     args = p.parse_args()
+    require_clean_or_exit(args.allow_dirty or not args.out)  # a results file: clean tree
     records = [collect(r) for r in args.runs]
     out = {
-        **provenance([sys.argv[0], *sys.argv[1:]]),
+        **result_provenance(sys.argv, allow_dirty=args.allow_dirty or not args.out),
         "command": "python " + " ".join(sys.argv),
         "runs": records,
         "configs": {

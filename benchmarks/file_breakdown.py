@@ -20,7 +20,7 @@ from pathlib import Path
 import cnnpress
 from cnnpress.format import read_info
 from cnnpress.format.layout import entropy_code, entropy_report, layout
-from cnnpress.provenance import provenance
+from cnnpress.provenance import ALLOW_DIRTY_HELP, require_clean_or_exit, result_provenance
 
 
 def kind(key: str, encoding: str) -> str:
@@ -73,7 +73,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("files", nargs="+", type=Path)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--allow-dirty", action="store_true", help=ALLOW_DIRTY_HELP)
     args = parser.parse_args()
+    require_clean_or_exit(args.allow_dirty or not args.out)  # a results file: clean tree
     results = [breakdown(p) for p in args.files]
     for r in results:
         print(f"\n{r['file']}: {r['file_bytes']:,} bytes")
@@ -94,7 +96,11 @@ def main() -> None:
                 f"{r['index_stored_bytes']:,} bytes ({100 * total:.1f}% saved)"
             )
     if args.out:
-        doc = {**provenance(), "command": "python " + " ".join(sys.argv), "files": results}
+        doc = {
+            **result_provenance(sys.argv, allow_dirty=args.allow_dirty),
+            "command": "python " + " ".join(sys.argv),
+            "files": results,
+        }
         args.out.write_text(json.dumps(doc, indent=2) + "\n")
 
 

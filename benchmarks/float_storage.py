@@ -19,7 +19,7 @@ import torch
 
 import cnnpress
 from cnnpress.data import Loader, load_dataset
-from cnnpress.provenance import git_commit, machine
+from cnnpress.provenance import ALLOW_DIRTY_HELP, require_clean_or_exit, result_provenance
 from cnnpress.train.loop import evaluate
 
 
@@ -40,15 +40,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--allow-dirty", action="store_true", help=ALLOW_DIRTY_HELP)
     args = parser.parse_args()
+    require_clean_or_exit(args.allow_dirty or not args.out)  # a results file: clean tree
     torch.set_num_threads(args.threads)
     test = Loader(load_dataset("fashion-mnist", "test"), 500, train=False)
     with tempfile.TemporaryDirectory() as tmp:
         rows = measure(cnnpress.load("pretrained:resnet20-fmnist"), test, Path(tmp), "fp32")
     result = {
+        **result_provenance(sys.argv, allow_dirty=args.allow_dirty or not args.out),
         "command": "python " + " ".join(sys.argv),
-        "commit": git_commit(),
-        "machine": machine(),
         "rows": rows,
     }
     if args.out:

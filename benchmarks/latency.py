@@ -33,7 +33,7 @@ from torch import nn
 
 import cnnpress
 from cnnpress.methods.slbf import SLBFConv2d
-from cnnpress.provenance import provenance
+from cnnpress.provenance import ALLOW_DIRTY_HELP, require_clean_or_exit, result_provenance
 from cnnpress.runtime import kernel, to_dense
 
 #: (channels, image side) of the 3x3 layers of ResNet-20 and VGG-16 on 32x32 inputs.
@@ -270,7 +270,9 @@ def main() -> None:
     p.add_argument("--min-reps", type=int, default=3)
     p.add_argument("--max-reps", type=int, default=30)
     p.add_argument("--out", default=None, help="JSON file to write")
+    p.add_argument("--allow-dirty", action="store_true", help=ALLOW_DIRTY_HELP)
     args = p.parse_args()
+    require_clean_or_exit(args.allow_dirty or not args.out)  # a results file: clean tree
     args.console = Console(stderr=True, width=150)
     args.layers = [] if args.no_layers else (LAYERS[:3] if args.quick else LAYERS)
     info = kernel.status()
@@ -279,7 +281,7 @@ def main() -> None:
         sys.exit(1)
     threads_before = torch.get_num_threads()
     result = {
-        **provenance([sys.argv[0], *sys.argv[1:]]),
+        **result_provenance(sys.argv, allow_dirty=args.allow_dirty or not args.out),
         "command": "python " + " ".join(sys.argv),
         "kernel": {k: v for k, v in info.items() if k != "build_directory"},  # a local path
         "load_average_before": os.getloadavg(),

@@ -23,7 +23,7 @@ import cnnpress
 from cnnpress.data import Loader, load_dataset
 from cnnpress.methods.binary import BinaryConv2d
 from cnnpress.methods.slbf import learning_stats, snapshot
-from cnnpress.provenance import git_commit, machine
+from cnnpress.provenance import ALLOW_DIRTY_HELP, require_clean_or_exit, result_provenance
 
 
 def _steps(model: torch.nn.Module, args: argparse.Namespace) -> float:
@@ -83,13 +83,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--allow-dirty", action="store_true", help=ALLOW_DIRTY_HELP)
     args = parser.parse_args()
+    require_clean_or_exit(args.allow_dirty or not args.out)  # a results file: clean tree
     torch.set_num_threads(args.threads)
     t0 = time.time()
     result = {
+        **result_provenance(sys.argv, allow_dirty=args.allow_dirty or not args.out),
         "command": "python " + " ".join(sys.argv),
-        "commit": git_commit(),
-        "machine": machine(),
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "slbf": slbf_run(args),
         "bwn": bwn_run(args),

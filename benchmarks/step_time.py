@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 import cnnpress
 from cnnpress.data import Loader, load_dataset
-from cnnpress.provenance import provenance
+from cnnpress.provenance import ALLOW_DIRTY_HELP, require_clean_or_exit, result_provenance
 
 
 def main() -> None:
@@ -34,7 +34,9 @@ def main() -> None:
     p.add_argument("--slice-channels", type=int, default=8)
     p.add_argument("--num-filters", type=int, default=16)
     p.add_argument("--out", default=None)
+    p.add_argument("--allow-dirty", action="store_true", help=ALLOW_DIRTY_HELP)
     args = p.parse_args()
+    require_clean_or_exit(args.allow_dirty or not args.out)  # a results file: clean tree
     if args.threads:
         torch.set_num_threads(args.threads)
     data = load_dataset(args.data, "train")
@@ -60,7 +62,7 @@ def main() -> None:
                 times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     result = {
-        **provenance([sys.argv[0], *sys.argv[1:]]),
+        **result_provenance(sys.argv, allow_dirty=args.allow_dirty or not args.out),
         "command": "python " + " ".join(sys.argv),
         "model": args.model,
         "batch_size": args.batch_size,

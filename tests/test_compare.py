@@ -48,7 +48,9 @@ def compared(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("compare")
     recipe = write(tmp, RECIPE)
     report = tmp / "report"
-    assert main(["compare", recipe, "--threads", "1", "--report", str(report), "--json"]) == 0
+    # --allow-dirty: the suite also runs on a developer's tree with uncommitted changes
+    argv = ["compare", recipe, "--threads", "1", "--report", str(report), "--json"]
+    assert main([*argv, "--allow-dirty"]) == 0
     return tmp, recipe, report
 
 
@@ -110,7 +112,7 @@ def test_an_interrupted_run_resumes_and_train_only_shares_split_the_work(tmp_pat
     runs = tmp_path / "runs"
     assert (runs / "fp32" / "result.json").is_file() and not (runs / "slbf").exists()
     # Measuring needs every run: one clear refusal, nothing written.
-    assert main(["compare", recipe, "--runs", "fp32", "--threads", "1"]) == 2
+    assert main(["compare", recipe, "--runs", "fp32", "--threads", "1", "--allow-dirty"]) == 2
     assert "runs not finished yet: slbf" in capsys.readouterr().err
     assert not (runs / "results.json").exists()
     # Interrupt the slbf run after its checkpoint (drop what a finished run leaves).
@@ -118,7 +120,7 @@ def test_an_interrupted_run_resumes_and_train_only_shares_split_the_work(tmp_pat
     first = json.loads((runs / "slbf" / "result.json").read_text())
     for name in ("result.json", "model.cnnp"):
         (runs / "slbf" / name).unlink()
-    assert main(["compare", recipe, "--threads", "1", "--json"]) == 0
+    assert main(["compare", recipe, "--threads", "1", "--json", "--allow-dirty"]) == 0
     again = json.loads((runs / "slbf" / "result.json").read_text())
     assert again["test_accuracy"] == first["test_accuracy"]  # resumed: nothing retrained
     assert (runs / "results.json").is_file()

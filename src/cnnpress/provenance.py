@@ -10,7 +10,23 @@ from typing import Any
 
 import torch
 
-__all__ = ["git_commit", "machine", "provenance"]
+from cnnpress.errors import CnnpressError
+
+__all__ = [
+    "ALLOW_DIRTY_HELP",
+    "git_commit",
+    "machine",
+    "provenance",
+    "require_clean",
+    "require_clean_or_exit",
+    "result_provenance",
+]
+
+#: The help text of every ``--allow-dirty`` flag (``cnnpress compare`` and the benchmarks).
+ALLOW_DIRTY_HELP = (
+    "write the result even if the git working tree has uncommitted changes "
+    '(recorded as "dirty": true)'
+)
 
 
 def git_commit() -> str | None:
@@ -60,4 +76,47 @@ def provenance(command: list[str] | None = None) -> dict[str, Any]:
         "command": " ".join(["cnnpress", *argv[1:]]),
         "commit": git_commit(),
         "machine": machine(),
+    }
+
+
+def require_clean(allow_dirty: bool = False) -> str | None:
+    """The commit of the working tree, refusing one with uncommitted changes.
+
+    A result (``cnnpress compare``'s report, a benchmark's JSON) must come from a committed
+    tree, so that its commit says what code made it. Outside git the commit is unknown
+    (``None``) and nothing is refused.
+
+    Raises:
+        CnnpressError: The tree has uncommitted changes to tracked files and ``allow_dirty``
+            is false.
+    """
+    commit = git_commit()
+    if commit is not None and commit.endswith("+dirty") and not allow_dirty:
+        raise CnnpressError(
+            f"the git working tree has uncommitted changes ({commit}), so the result would not "
+            "match any commit; commit them or measure from a clean checkout (git worktree add), "
+            "or pass --allow-dirty to write it marked as dirty"
+        )
+    return commit
+
+
+def require_clean_or_exit(allow_dirty: bool = False) -> None:
+    """:func:`require_clean` for scripts: one ``error:`` line on stderr and exit code 2."""
+    try:
+        require_clean(allow_dirty)
+    except CnnpressError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def result_provenance(
+    command: list[str] | None = None, allow_dirty: bool = False
+) -> dict[str, Any]:
+    """:func:`provenance` for a results file: refuses a dirty tree (see :func:`require_clean`)
+    unless ``allow_dirty``, and records ``"dirty"`` (``None`` outside git)."""
+    commit = require_clean(allow_dirty)
+    return {
+        **provenance(command),
+        "commit": commit,
+        "dirty": None if commit is None else commit.endswith("+dirty"),
     }

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cnnpress.cli.commands import _resume_config, _set_threads, train_config
-from cnnpress.provenance import provenance
+from cnnpress.provenance import require_clean, result_provenance
 from cnnpress.train.config import TrainConfig
 from cnnpress.train.distributed import DistContext
 from cnnpress.train.loop import PLAIN
@@ -20,9 +20,12 @@ __all__ = ["cmd_compare"]
 
 def cmd_compare(args: argparse.Namespace, console: Console, err: Console) -> dict:
     """``cnnpress compare``: train the recipe's missing runs, then measure and report all."""
-    from cnnpress.compare import measure_runs, run_comparison, write_report
+    from cnnpress.compare import load_recipe, measure_runs, run_comparison, write_report
 
     _set_threads(args.threads)
+    if not args.train_only:  # a report will be written: refuse a dirty tree before any work
+        load_recipe(args.recipe)  # (a broken recipe is the first thing to say)
+        require_clean(args.allow_dirty)
     ctx = DistContext()  # one process; run shares of the recipe side by side with --runs
 
     def train_run(cfg: dict[str, Any]) -> dict:
@@ -50,7 +53,7 @@ def cmd_compare(args: argparse.Namespace, console: Console, err: Console) -> dic
         if result["missing"]:
             console.print(f"not finished: {', '.join(result['missing'])}", **PLAIN)
         return result
-    result["provenance"] = provenance()
+    result["provenance"] = result_provenance(allow_dirty=args.allow_dirty)  # checked again
     paths = write_report(result, args.report or result["out"])
     if not args.json:
         _print_comparison(console, result["runs"])

@@ -12,6 +12,7 @@ from typing import NoReturn
 from rich.console import Console
 
 from cnnpress.errors import CnnpressError
+from cnnpress.provenance import ALLOW_DIRTY_HELP
 from cnnpress.train.distributed import note_rank
 
 __all__ = ["build_parser", "main"]
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", help="train only these runs (comma-separated names)")
     p.add_argument("--train-only", action="store_true", help="train, do not measure or report")
     p.add_argument("--report", help="folder for results.json/.md/.png (default: the recipe's out)")
+    p.add_argument("--allow-dirty", action="store_true", help=ALLOW_DIRTY_HELP)
     p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     p.add_argument("--json", action="store_true")
 
