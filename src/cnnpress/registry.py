@@ -42,7 +42,7 @@ class Registry(Generic[T]):
         """Return the object registered under ``name``."""
         try:
             return self._items[name]
-        except KeyError:
+        except (KeyError, TypeError):  # TypeError: a list or mapping given as a name
             known = ", ".join(self.names())
             raise RegistryError(f"unknown {self.kind} {name!r}; choose one of: {known}") from None
 

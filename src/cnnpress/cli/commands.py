@@ -37,6 +37,7 @@ from cnnpress.train.distributed import (
     shutdown,
 )
 from cnnpress.train.loop import PLAIN, evaluate, fit
+from cnnpress.typecheck import check_value
 
 __all__ = ["cmd_compress", "cmd_train", "resolve_config", "train_config"]
 
@@ -86,6 +87,34 @@ def _read_recipe(path: str) -> dict[str, Any]:
     return recipe
 
 
+#: The type of each recipe key's value (``null`` is allowed for each: unset).
+_RECIPE_TYPES: dict[str, type] = {
+    **dict.fromkeys(("model", "data", "data_dir", "out", "init", "method"), str),
+    **dict.fromkeys(("model_args", "data_options", "train", "method_config", "distill"), dict),
+}
+_DISTILL_TYPES: dict[str, Any] = {"teacher": str, "temperature": float, "alpha": float}
+
+
+def check_recipe_types(cfg: dict[str, Any]) -> None:
+    """Refuse a recipe value of the wrong type (``model_args: many``) with one line."""
+    for key, tp in _RECIPE_TYPES.items():
+        check_value(key, cfg.get(key), tp | None)
+    taken = sorted({"in_channels", "num_classes"} & set(cfg.get("model_args") or {}))
+    if taken:
+        raise ConfigError(
+            f"model_args cannot set {' or '.join(taken)}: the data set (--data) decides "
+            "in_channels and num_classes"
+        )
+    distill = cfg.get("distill") or {}
+    unknown = sorted(str(key) for key in distill if key not in _DISTILL_TYPES)
+    if unknown:
+        raise ConfigError(
+            f"unknown distill setting(s) {', '.join(unknown)}; valid: teacher, temperature, alpha"
+        )
+    for key, value in distill.items():
+        check_value(f"distill {key}", value, _DISTILL_TYPES[key])
+
+
 def _parse_settings(items: list[str]) -> dict[str, Any]:
     """``--set KEY=VALUE`` pairs as a dict, each value read as YAML (``0.5``, ``bn``, ``true``)."""
     settings: dict[str, Any] = {}
@@ -116,11 +145,12 @@ def resolve_config(args: argparse.Namespace, with_method: bool) -> dict[str, Any
         "init",
         "out",
     }
-    unknown = sorted(set(cfg) - known)
+    unknown = sorted(str(key) for key in cfg if key not in known)
     if unknown:
         raise ConfigError(
             f"unknown recipe key(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}"
         )
+    check_recipe_types(cfg)
     for key in ("model", "data", "data_dir", "out"):
         if getattr(args, key, None) is not None:
             cfg[key] = getattr(args, key)

@@ -108,7 +108,7 @@ def dataset_names() -> list[str]:
 
 
 def _check_name(name: str) -> None:
-    if name not in _SPECS:
+    if not isinstance(name, str) or name not in _SPECS:
         raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(dataset_names())}")
 
 

@@ -61,6 +61,28 @@ def _templates(spec: DatasetSpec, seed: int) -> torch.Tensor:
     return (0.75 * smooth + 0.25 * fine) * 255.0
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_options(num_samples: object, opts: dict[str, object]) -> None:
+    """One line for an option of the wrong type or sign (``num_classes: many``)."""
+    checks = [("num_samples", num_samples, 0)] if num_samples is not None else []
+    checks += [(key, opts[key], 1) for key in ("in_channels", "num_classes")]
+    for key, value, least in checks:
+        if not _is_int(value) or value < least:
+            raise DataError(f"synthetic: {key} must be an integer >= {least}, got {value!r:.60}")
+    if not _is_int(opts["seed"]):
+        raise DataError(f"synthetic: seed must be an integer, got {opts['seed']!r:.60}")
+    size = opts["image_size"]
+    pair = isinstance(size, (list, tuple)) and len(size) == 2
+    sizes = [size] if _is_int(size) else list(size) if pair else [None]
+    if not all(_is_int(v) and v >= 1 for v in sizes):
+        raise DataError(
+            f"synthetic: image_size must be an integer >= 1 or [H, W], got {size!r:.60}"
+        )
+
+
 def make_synthetic(split: str, num_samples: int | None = None, **options: int) -> Dataset:
     """Generate the synthetic data set's ``split``.
 
@@ -81,9 +103,8 @@ def make_synthetic(split: str, num_samples: int | None = None, **options: int) -
         known = ", ".join(["num_samples", *SYNTHETIC_DEFAULTS])
         raise DataError(f"synthetic: unknown option(s) {', '.join(unknown)}; known: {known}")
     opts = {**SYNTHETIC_DEFAULTS, **options}
+    _check_options(num_samples, opts)
     n = _DEFAULT_SAMPLES[split] if num_samples is None else int(num_samples)
-    if n < 0:
-        raise DataError(f"synthetic: num_samples must be >= 0, got {n}")
     spec = synthetic_spec(opts["in_channels"], opts["image_size"], opts["num_classes"])
     templates = _templates(spec, int(opts["seed"]))
     split_code = 1 if split == "train" else 2

@@ -18,6 +18,7 @@ from torch import nn
 from cnnpress.errors import ConfigError
 from cnnpress.floats import check_float_bits
 from cnnpress.registry import Registry
+from cnnpress.typecheck import check_fields
 
 __all__ = [
     "METHODS",
@@ -95,18 +96,26 @@ MODEL_SETTINGS = ("include_first", "include_linear", "layers", "float_bits", "fo
 
 
 def config_from_dict(cls: type, values: dict[str, Any]) -> Any:
-    """Build config ``cls`` from a dict, refusing unknown keys with one clear line."""
+    """Build config ``cls`` from a dict, refusing unknown keys and values of the wrong type
+    (``num_filters: many``, ``include_first: 1``) with one clear line each."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"the settings of {cls.__name__} must be a mapping, got {values!r:.60}")
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(str(key) for key in values if key not in known)
     if unknown:
         raise ConfigError(
             f"unknown setting(s) {', '.join(unknown)} for {cls.__name__}; "
             f"valid settings: {', '.join(sorted(known))}"
         )
     try:
-        return cls(**values)
-    except TypeError as err:
+        config = cls(**values)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, ArithmeticError) as err:
+        check_fields(cls, values)  # a value of the wrong type: say which, and what it needs
         raise ConfigError(f"bad settings for {cls.__name__}: {err}") from None
+    check_fields(cls, values)  # the checks of ``cls`` let this value pass; its type does not
+    return config
 
 
 def select_layers(

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnpress.errors import ConfigError
+from cnnpress.typecheck import check_value
 
 __all__ = ["kd_loss", "make_kd_loss"]
 
@@ -41,6 +42,8 @@ def make_kd_loss(
     teacher: nn.Module, temperature: float = 4.0, alpha: float = 0.9
 ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     """A ``loss_fn(logits, targets, inputs)`` for the training loop; the teacher stays frozen."""
+    check_value("--kd-temperature", temperature, float)
+    check_value("--kd-alpha", alpha, float)
     if not temperature > 0:
         raise ConfigError(f"--kd-temperature must be positive, got {temperature}")
     if not 0.0 <= alpha <= 1.0:

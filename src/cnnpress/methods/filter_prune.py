@@ -243,7 +243,9 @@ class FilterPruneConfig(MethodConfig):
             isinstance(v, int) and not isinstance(v, bool) and v >= 1
             for v in self.channels.values()
         ):
-            raise ConfigError("channels must map conv names to counts >= 1")
+            raise ConfigError(
+                f"channels must map conv names to counts >= 1, got {self.channels!r:.60}"
+            )
 
 
 def _criteria(

@@ -6,14 +6,17 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from torch import nn
 
+from cnnpress.errors import ConfigError
 from cnnpress.models import lenet, mobile, resnet, vgg  # noqa: F401  (registers them)
 from cnnpress.models.registry import MODELS
+from cnnpress.typecheck import check_arguments
 
-__all__ = ["create", "names", "arch_of"]
+__all__ = ["arch_of", "check_args", "create", "names"]
 
 
 def create(name: str, in_channels: int = 3, num_classes: int = 10, **kwargs: Any) -> nn.Module:
@@ -29,6 +32,7 @@ def create(name: str, in_channels: int = 3, num_classes: int = 10, **kwargs: Any
         A freshly initialised model with ``cnnpress_arch`` set.
     """
     factory = MODELS.get(name)
+    check_args(name, {"in_channels": in_channels, "num_classes": num_classes, **kwargs})
     model = factory(in_channels=in_channels, num_classes=num_classes, **kwargs)
     model.cnnpress_arch = {
         "name": name,
@@ -37,6 +41,30 @@ def create(name: str, in_channels: int = 3, num_classes: int = 10, **kwargs: Any
         **kwargs,
     }
     return model
+
+
+def check_args(name: str, args: dict[str, Any]) -> None:
+    """Refuse an argument architecture ``name`` does not take, or a value that is not of the
+    type its factory declares or not positive (one :class:`ConfigError` line each).
+
+    Only types and signs: how large a model may be is the caller's business (a file's
+    loader bounds it by what the file can hold, ``cnnpress.format.validate``).
+    """
+    factory = MODELS.get(name)
+    params = inspect.signature(factory).parameters
+    unknown = sorted(str(key) for key in args if key not in params)
+    if unknown:
+        raise ConfigError(
+            f"model {name} takes no argument(s) {', '.join(unknown)}; "
+            f"its arguments: {', '.join(params)}"
+        )
+    try:
+        check_arguments(factory, args)
+    except ConfigError as err:
+        raise ConfigError(f"model {name}: {err}") from None
+    for key, value in args.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
+            raise ConfigError(f"model {name}: {key} must be positive, got {value!r}")
 
 
 def names() -> list[str]:

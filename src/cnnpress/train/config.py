@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cnnpress.errors import ConfigError
+from cnnpress.typecheck import check_fields
 
 __all__ = ["TrainConfig"]
 
@@ -48,6 +49,7 @@ class TrainConfig:
     eval_every: int = 1
 
     def __post_init__(self) -> None:
+        check_fields(type(self), dataclasses.asdict(self))  # lr: fast, epochs: true, ...
         if not isinstance(self.epochs, int) or self.epochs < 1:
             raise ConfigError(f"epochs must be a positive integer, got {self.epochs!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -67,8 +69,10 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        if not isinstance(values, dict):
+            raise ConfigError(f"the training settings must be a mapping, got {values!r:.60}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        unknown = sorted(str(key) for key in values if key not in known)
         if unknown:
             raise ConfigError(
                 f"unknown training setting(s) {', '.join(unknown)}; "
