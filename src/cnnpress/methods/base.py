@@ -17,12 +17,15 @@ from torch import nn
 
 from cnnpress.errors import ConfigError
 from cnnpress.floats import check_float_bits
+from cnnpress.geometry import Represents
 from cnnpress.registry import Registry
 from cnnpress.typecheck import check_fields
 
 __all__ = [
+    "ANY_CONV",
     "METHODS",
     "MODEL_SETTINGS",
+    "PLAIN_CONV",
     "LayerCost",
     "Method",
     "MethodConfig",
@@ -33,6 +36,11 @@ __all__ = [
 ]
 
 METHODS: Registry = Registry("method")
+
+#: What a layer that computes a plain zero-padded conv represents (the default).
+PLAIN_CONV = Represents()
+#: What a layer that keeps every setting of the conv it replaces represents.
+ANY_CONV = Represents(groups=True, dilation=True, padding_mode=True, uneven_padding=True)
 
 
 @dataclass(frozen=True)
@@ -119,15 +127,26 @@ def config_from_dict(cls: type, values: dict[str, Any]) -> Any:
 
 
 def select_layers(
-    model: nn.Module, config: MethodConfig, kinds: tuple[type, ...] = (nn.Conv2d, nn.Linear)
+    model: nn.Module,
+    config: MethodConfig,
+    kinds: tuple[type, ...] = (nn.Conv2d, nn.Linear),
+    represents: Represents = PLAIN_CONV,
+    method: str = "this method",
 ) -> list[tuple[str, nn.Module, dict[str, Any]]]:
     """The layers a method compresses, with their per-layer setting overrides.
 
-    Default rule: every ``nn.Conv2d`` with ``groups == 1`` except the first one met in module
-    order, and ``nn.Linear`` layers only when ``config.include_linear``.
+    Default rule: every ``nn.Conv2d`` with ``groups == 1`` that the method's layer can
+    represent (``represents``; the default is a plain conv: zero padding, even padding)
+    except the first one met in module order, and ``nn.Linear`` layers only when
+    ``config.include_linear``. A ``layers`` setting can include any other layer the method
+    represents (``{"include": True}``; a grouped conv, say, for a method that keeps groups).
 
     Returns:
         ``(name, module, overrides)`` for each selected layer, in module order.
+
+    Raises:
+        ConfigError: A ``layers`` pattern matches no layer; a layer that ``layers`` includes
+            is a conv the method cannot represent (named, with what it lacks).
     """
     chosen = []
     first_conv_seen = False
@@ -137,7 +156,11 @@ def select_layers(
         if not isinstance(module, kinds):
             continue
         if isinstance(module, nn.Conv2d):
-            default = module.groups == 1 and (first_conv_seen or config.include_first)
+            default = (
+                module.groups == 1
+                and represents.missing(module) is None
+                and (first_conv_seen or config.include_first)
+            )
             first_conv_seen = True
         else:
             default = isinstance(module, nn.Linear) and config.include_linear
@@ -158,6 +181,7 @@ def select_layers(
                 include = True
             overrides.update(value)
         if include:
+            represents.check(module, name, method)
             chosen.append((name, module, overrides))
     unused = sorted(set(patterns) - matched)
     if unused:
@@ -192,11 +216,15 @@ class Method:
     """Base class of compression methods. Subclasses set ``name``, ``Config``, ``layer_types``.
 
     Subclasses implement :meth:`convert` and :meth:`cost`; training hooks are optional.
+    ``convert`` selects its layers with ``select_layers(..., represents=self.represents,
+    method=self.name)``.
     """
 
     name: ClassVar[str] = ""
     Config: ClassVar[type] = MethodConfig
     layer_types: ClassVar[tuple[type, ...]] = ()
+    #: What of a conv's geometry the method's layers keep (:class:`cnnpress.geometry.Represents`).
+    represents: ClassVar[Represents] = PLAIN_CONV
 
     def resolve(self, model: nn.Module, config: Any) -> Any:
         """Fill data-dependent decisions into the config before :meth:`convert`.

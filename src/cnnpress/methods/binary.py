@@ -55,9 +55,11 @@ from torch import nn
 
 from cnnpress.errors import ConfigError
 from cnnpress.floats import float_encoding, stored_float_bits
+from cnnpress.geometry import numeric_padding, out_hw
 from cnnpress.methods.base import (
     METHODS,
     MODEL_SETTINGS,
+    PLAIN_CONV,
     LayerCost,
     Method,
     MethodConfig,
@@ -222,7 +224,7 @@ class BinaryConv2d(_BinaryBase):
 
     Args:
         in_channels, out_channels, kernel_size, stride, padding, dilation, bias: As in
-            ``nn.Conv2d`` (groups 1, zero padding).
+            ``nn.Conv2d`` (groups 1, numeric zero padding: a plain conv).
         mode: ``"binaryconnect"``, ``"bwn"`` or ``"xnor"``.
         scale: BinaryConnect only: learn a per-layer scale (leave off when BatchNorm follows).
         binarize_input: XNOR only: binarise the input and scale by ``K`` (off: same as BWN).
@@ -256,18 +258,18 @@ class BinaryConv2d(_BinaryBase):
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, mode: str, **settings: Any) -> BinaryConv2d:
-        """A binary layer of the same shape as ``conv``, its latent weights copied from it."""
-        if isinstance(conv.padding, str) or conv.groups != 1 or conv.padding_mode != "zeros":
-            raise ConfigError(
-                f"{mode} needs a plain conv (groups 1, numeric zero padding); "
-                "skip this layer with layers: {NAME: null}"
-            )
+        """A binary layer of the same shape as ``conv``, its latent weights copied from it.
+
+        Raises:
+            ConfigError: ``conv`` is not a plain conv (:data:`cnnpress.methods.base.PLAIN_CONV`).
+        """
+        PLAIN_CONV.check(conv, method=mode)
         new = cls(
             conv.in_channels,
             conv.out_channels,
             conv.kernel_size,
             conv.stride,
-            conv.padding,
+            numeric_padding(conv),
             conv.dilation,
             conv.bias is not None,
             mode,
@@ -397,12 +399,15 @@ class _BinaryMethod(Method):
     """Conversion, cost and packing shared by the three modes (the layer's ``mode`` decides)."""
 
     layer_types = (BinaryConv2d, BinaryLinear)
+    represents = PLAIN_CONV  # groups 1, zero padding
 
     def convert(self, model: nn.Module, config: BinaryConfig) -> nn.Module:
         with_bn = following_batchnorm(model)
         cls = type(config)
         base = {f.name: getattr(config, f.name) for f in dataclasses.fields(cls)}
-        for name, module, overrides in select_layers(model, config):
+        for name, module, overrides in select_layers(
+            model, config, represents=self.represents, method=self.name
+        ):
             settings = config_from_dict(cls, {**base, **overrides, "layers": {}}).to_dict()
             for key in MODEL_SETTINGS:
                 settings.pop(key)
@@ -435,10 +440,8 @@ class _BinaryMethod(Method):
             positions = math.prod(input_shape[:-1]) if len(input_shape) > 1 else 1
             pixels = in_pixels = positions
         else:
-            _, h, w = input_shape[-3:]
-            (sh, sw), (ph, pw), (dh, dw) = layer.stride, layer.padding, layer.dilation
-            oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-            ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+            h, w = input_shape[-2:]
+            oh, ow = out_hw(layer, h, w)
             pixels, in_pixels = oh * ow, h * w
         n, c = layer.out_channels, layer.in_channels
         binary = n * c * kh * kw * pixels

@@ -20,6 +20,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from cnnpress.errors import ConfigError
+from cnnpress.geometry import Represents
 from cnnpress.methods.base import METHODS, Method, MethodConfig, replace_module, select_layers
 from cnnpress.methods.prune import SCOPES
 from cnnpress.methods.sparse import is_fraction, layer_settings
@@ -253,7 +254,9 @@ def _criteria(
 ) -> tuple[dict[str, FilterPruneConfig], set[str]]:
     """Per selected conv its settings, and the names given per-layer settings."""
     settings, explicit = {}, set()
-    for name, _, overrides in select_layers(model, config, kinds=(nn.Conv2d,)):
+    for name, _, overrides in select_layers(
+        model, config, kinds=(nn.Conv2d,), represents=FilterPrune.represents, method="filter_prune"
+    ):
         if overrides and config.scope == "global":
             raise ConfigError(
                 f"layer {name}: per-layer ratio or criterion needs scope 'layer' (global scope "
@@ -368,6 +371,8 @@ class FilterPrune(Method):
     name = "filter_prune"
     Config = FilterPruneConfig
     layer_types = ()
+    #: the pruned convs are rebuilt as plain ``nn.Conv2d`` with every setting but groups
+    represents = Represents(padding_mode=True, uneven_padding=True)
 
     def resolve(self, model: nn.Module, config: FilterPruneConfig) -> FilterPruneConfig:
         """Fix the kept channel count of every pruned conv in ``channels``."""

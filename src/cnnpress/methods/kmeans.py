@@ -35,6 +35,7 @@ from torch import nn
 from cnnpress.errors import ConfigError
 from cnnpress.floats import float_encoding, stored_float_bits
 from cnnpress.methods.base import (
+    ANY_CONV,
     METHODS,
     LayerCost,
     Method,
@@ -193,6 +194,7 @@ class KMeans(Method):
     name = "kmeans"
     Config = KMeansConfig
     layer_types = (KMeansLayer,)
+    represents = ANY_CONV  # the layers keep the conv's own geometry
 
     def resolve(self, model: nn.Module, config: KMeansConfig) -> KMeansConfig:
         """Record each pruned layer's sparse layout as conversion will make it (on a copy)."""
@@ -201,7 +203,9 @@ class KMeans(Method):
 
     def convert(self, model: nn.Module, config: KMeansConfig) -> nn.Module:
         sparse_names = set()
-        for name, module, overrides in select_layers(model, config):
+        for name, module, overrides in select_layers(
+            model, config, represents=self.represents, method=self.name
+        ):
             s = layer_settings(KMeansConfig, config, overrides, {"bits", "sparsity", "iterations"})
             new = KMeansLayer(module, s.bits, s.sparsity > 0, config.centroid_grad)
             weight = module.weight.detach()

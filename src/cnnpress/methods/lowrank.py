@@ -48,8 +48,10 @@ from torch import nn
 
 from cnnpress.errors import ConfigError
 from cnnpress.floats import float_encoding, stored_float_bits
+from cnnpress.geometry import numeric_padding, out_hw
 from cnnpress.methods.base import (
     METHODS,
+    PLAIN_CONV,
     LayerCost,
     Method,
     MethodConfig,
@@ -293,22 +295,19 @@ class LowRank(Method):
     name = "lowrank"
     Config = LowRankConfig
     layer_types = (LowRankConv2d, LowRankLinear)
+    represents = PLAIN_CONV  # groups 1, zero padding
 
     def _layers(self, model: nn.Module, config: LowRankConfig) -> list[tuple[str, nn.Module, Any]]:
         base = {"energy": config.energy, "ratio": config.ratio}
         chosen = []
-        for name, module, overrides in select_layers(model, config):
+        for name, module, overrides in select_layers(
+            model, config, represents=self.represents, method=self.name
+        ):
             extra = sorted(set(overrides) - set(base))
             if extra:
                 raise ConfigError(
                     f"layer {name}: only energy and ratio can be set per layer, not "
                     f"{', '.join(extra)} (fixed ranks go in ranks: {{NAME: [...]}})"
-                )
-            if isinstance(module, nn.Conv2d) and (
-                isinstance(module.padding, str) or module.groups != 1
-            ):
-                raise ConfigError(
-                    f"layer {name}: lowrank needs a plain conv (groups 1, numeric padding)"
                 )
             chosen.append((name, module, config_from_dict(LowRankConfig, {**base, **overrides})))
         unknown = sorted(set(config.ranks) - {name for name, _, _ in chosen})
@@ -352,7 +351,7 @@ class LowRank(Method):
                         module.kernel_size,
                         ranks,
                         module.stride,
-                        module.padding,
+                        numeric_padding(module),
                         module.dilation,
                         module.bias is not None,
                     )
@@ -378,10 +377,8 @@ class LowRank(Method):
         """Bits of the factors and bias; MACs of the factor maps (module docstring)."""
         if isinstance(layer, LowRankConv2d):
             n, c, (kh, kw) = layer.out_channels, layer.in_channels, layer.kernel_size
-            _, h, w = input_shape
-            (sh, sw), (ph, pw), (dh, dw) = layer.stride, layer.padding, layer.dilation
-            oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-            ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+            h, w = input_shape[-2:]
+            oh, ow = out_hw(layer, h, w)
             macs = h * w * c * layer.r_in + oh * ow * (
                 layer.r_out * layer.r_in * kh * kw + n * layer.r_out
             )

@@ -41,8 +41,10 @@ from torch import nn
 
 from cnnpress.errors import ConfigError
 from cnnpress.floats import float_encoding, stored_float_bits
+from cnnpress.geometry import numeric_padding, out_hw
 from cnnpress.methods.base import (
     METHODS,
+    PLAIN_CONV,
     LayerCost,
     Method,
     MethodConfig,
@@ -298,17 +300,16 @@ class PQ(Method):
     name = "pq"
     Config = PQConfig
     layer_types = (PQConv2d, PQLinear)
+    represents = PLAIN_CONV  # groups 1, zero padding
 
     def convert(self, model: nn.Module, config: PQConfig) -> nn.Module:
         base = {f.name: getattr(config, f.name) for f in dataclasses.fields(PQConfig)}
-        for name, module, overrides in select_layers(model, config):
+        for name, module, overrides in select_layers(
+            model, config, represents=self.represents, method=self.name
+        ):
             st = config_from_dict(PQConfig, {**base, **overrides, "layers": {}})
             weight = module.weight
             if isinstance(module, nn.Conv2d):
-                if isinstance(module.padding, str) or module.groups != 1:
-                    raise ConfigError(
-                        f"layer {name}: pq needs a plain conv (groups 1, numeric padding)"
-                    )
                 kh, kw = module.kernel_size
                 sub = st.subvector if st.subvector is not None else kh * kw
                 _check(module.in_channels * kh * kw, sub, st.bits, name, kh * kw)
@@ -317,7 +318,7 @@ class PQ(Method):
                     module.out_channels,
                     module.kernel_size,
                     module.stride,
-                    module.padding,
+                    numeric_padding(module),
                     module.dilation,
                     module.bias is not None,
                     sub,
@@ -348,11 +349,7 @@ class PQ(Method):
     ) -> LayerCost:
         """Bits from :meth:`_PQBase.stored_bits`; MACs of the dense conv (n*c*kh*kw per pixel)."""
         if isinstance(layer, PQConv2d):
-            _, h, w = input_shape
-            (kh, kw), (sh, sw) = layer.kernel_size, layer.stride
-            (ph, pw), (dh, dw) = layer.padding, layer.dilation
-            oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-            ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+            oh, ow = out_hw(layer, *input_shape[-2:])
             pixels = oh * ow
         else:
             pixels = math.prod(input_shape[:-1]) if len(input_shape) > 1 else 1

@@ -30,6 +30,7 @@ from torch import nn
 from cnnpress.errors import ConfigError
 from cnnpress.floats import float_encoding, stored_float_bits
 from cnnpress.methods.base import (
+    ANY_CONV,
     METHODS,
     LayerCost,
     Method,
@@ -149,6 +150,7 @@ class MagnitudePrune(Method):
     name = "magnitude_prune"
     Config = MagnitudePruneConfig
     layer_types = (MaskedLayer,)
+    represents = ANY_CONV  # the layers keep the conv's own geometry
 
     def resolve(self, model: nn.Module, config: MagnitudePruneConfig) -> MagnitudePruneConfig:
         """Record each layer's sparse layout as conversion will make it (on a copy)."""
@@ -157,7 +159,9 @@ class MagnitudePrune(Method):
 
     def convert(self, model: nn.Module, config: MagnitudePruneConfig) -> nn.Module:
         layers: list[tuple[str, MaskedLayer]] = []
-        for name, module, overrides in select_layers(model, config):
+        for name, module, overrides in select_layers(
+            model, config, represents=self.represents, method=self.name
+        ):
             if overrides and config.scope == "global":
                 raise ConfigError(
                     f"layer {name}: per-layer sparsity needs scope 'layer' (global scope uses "

@@ -52,8 +52,10 @@ from torch import nn
 
 from cnnpress.errors import ConfigError
 from cnnpress.floats import float_encoding, stored_float_bits
+from cnnpress.geometry import numeric_padding, out_hw
 from cnnpress.methods.base import (
     METHODS,
+    PLAIN_CONV,
     LayerCost,
     Method,
     MethodConfig,
@@ -280,15 +282,18 @@ class SLBFConv2d(_SLBFBase):
     def from_conv(
         cls, conv: nn.Conv2d, slice_channels: int, num_filters: int, scale: bool
     ) -> SLBFConv2d:
-        """An SLBF layer of the same shape as ``conv`` (fresh bank and selections)."""
-        if isinstance(conv.padding, str):
-            raise ConfigError("SLBF needs numeric conv padding, not 'same'/'valid'")
+        """An SLBF layer of the same shape as ``conv`` (fresh bank and selections).
+
+        Raises:
+            ConfigError: ``conv`` is not a plain conv (:data:`cnnpress.methods.base.PLAIN_CONV`).
+        """
+        PLAIN_CONV.check(conv, method="slbf")
         return cls(
             conv.in_channels,
             conv.out_channels,
             conv.kernel_size,
             conv.stride,
-            conv.padding,
+            numeric_padding(conv),
             conv.dilation,
             conv.bias is not None,
             slice_channels,
@@ -430,20 +435,6 @@ class SLBFConfig(MethodConfig):
         check_budget(self)
 
 
-def _check_representable(conv: nn.Conv2d, name: str) -> None:
-    """Refuse a conv the SLBF layer would silently compute differently (one line)."""
-    if conv.groups != 1:
-        raise ConfigError(
-            f"layer {name}: SLBF does not represent grouped convs (groups={conv.groups}); "
-            f"leave it out (layers: {{{name}: null}})"
-        )
-    if conv.padding_mode != "zeros":
-        raise ConfigError(
-            f"layer {name}: SLBF pads with zeros, this conv with {conv.padding_mode!r}; "
-            f"leave it out (layers: {{{name}: null}})"
-        )
-
-
 @METHODS.register("slbf")
 class SLBF(Method):
     """SLBF (Lan & Lan, AAAI 2021): every filter a stack of binary filters from a shared bank."""
@@ -451,6 +442,7 @@ class SLBF(Method):
     name = "slbf"
     Config = SLBFConfig
     layer_types = (SLBFConv2d, SLBFLinear)
+    represents = PLAIN_CONV  # groups 1, zero padding
 
     def resolve(self, model: nn.Module, config: SLBFConfig) -> SLBFConfig:
         """With a size budget: per-layer settings chosen to fit it (``cnnpress.budget``)."""
@@ -463,13 +455,14 @@ class SLBF(Method):
 
         batchnorms = following_batchnorm(model)
         base = {f.name: getattr(config, f.name) for f in dataclasses.fields(SLBFConfig)}
-        for name, module, overrides in select_layers(model, config):
+        for name, module, overrides in select_layers(
+            model, config, represents=self.represents, method=self.name
+        ):
             settings = config_from_dict(SLBFConfig, {**base, **overrides, "layers": {}})
             c = module.in_channels if isinstance(module, nn.Conv2d) else module.in_features
             _check(c, settings.slice_channels, settings.num_filters, name)
             scale = settings.scale if settings.scale is not None else name not in batchnorms
             if isinstance(module, nn.Conv2d):
-                _check_representable(module, name)
                 new: nn.Module = SLBFConv2d.from_conv(
                     module, settings.slice_channels, settings.num_filters, scale
                 )
@@ -489,11 +482,7 @@ class SLBF(Method):
     ) -> LayerCost:
         """Bits from :meth:`stored_bits`; per output pixel m*c*k*k binary MACs, n*s adds."""
         if isinstance(layer, SLBFConv2d):
-            _, h, w = input_shape
-            kh, kw = layer.kernel_size
-            (sh, sw), (ph, pw), (dh, dw) = layer.stride, layer.padding, layer.dilation
-            oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-            ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+            oh, ow = out_hw(layer, *input_shape[-2:])
             pixels = oh * ow
         else:
             pixels = math.prod(input_shape[:-1]) if len(input_shape) > 1 else 1

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnpress.errors import ConfigError
+from cnnpress.geometry import out_hw
 from cnnpress.methods.base import config_from_dict
 
 __all__ = [
@@ -171,23 +172,22 @@ class SparseLayer(nn.Module):
     """A conv or linear layer that computes with a rebuilt dense weight, maybe masked.
 
     Subclasses define :meth:`dense_weight`. The geometry is copied from ``source``; conv
-    layers get ``stride``/``padding``/``dilation``/``groups`` (linear ones have none, so the
-    dense runtime rebuilds the right kind). With ``sparse`` the layer holds a boolean ``mask``
-    buffer and its ``record`` (see the module doc).
+    layers get ``stride``/``padding``/``dilation``/``groups``/``padding_mode`` (linear ones
+    have none, so the dense runtime rebuilds the right kind): any conv is represented
+    (:data:`cnnpress.methods.base.ANY_CONV`). With ``sparse`` the layer holds a boolean
+    ``mask`` buffer and its ``record`` (see the module doc).
     """
 
     def __init__(self, source: nn.Conv2d | nn.Linear, sparse: bool) -> None:
         super().__init__()
         if isinstance(source, nn.Conv2d):
-            if source.padding_mode != "zeros":
-                raise ConfigError(
-                    f"only zero-padded convs can be compressed here, got "
-                    f"padding_mode={source.padding_mode!r}"
-                )
             self.in_channels, self.out_channels = source.in_channels, source.out_channels
             self.kernel_size = source.kernel_size
             self.stride, self.padding = source.stride, source.padding
             self.dilation, self.groups = source.dilation, source.groups
+            self.padding_mode = source.padding_mode
+            # what nn.Conv2d pads with when the mode is not zeros (F.pad's order)
+            self._reversed_padding_repeated_twice = list(source._reversed_padding_repeated_twice)
         else:
             self.in_features, self.out_features = source.in_features, source.out_features
         self.weight_shape = tuple(source.weight.shape)
@@ -208,9 +208,13 @@ class SparseLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.dense_weight()
-        if self.is_conv:
-            return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
-        return F.linear(x, w, self.bias)
+        if not self.is_conv:
+            return F.linear(x, w, self.bias)
+        padding = self.padding
+        if self.padding_mode != "zeros":  # as nn.Conv2d does
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = 0
+        return F.conv2d(x, w, self.bias, self.stride, padding, self.dilation, self.groups)
 
     def numel(self) -> int:
         """Weights of the dense layer."""
@@ -228,15 +232,7 @@ class SparseLayer(nn.Module):
         """Output positions per sample for one input (C, H, W), or rows for a linear layer."""
         if not self.is_conv:
             return math.prod(input_shape[:-1]) if len(input_shape) > 1 else 1
-        _, h, w = input_shape
-        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
-        if isinstance(self.padding, str):  # "same" keeps the size at stride 1; "valid" pads 0
-            ph = dh * (kh - 1) // 2 if self.padding == "same" else 0
-            pw = dw * (kw - 1) // 2 if self.padding == "same" else 0
-        else:
-            ph, pw = self.padding
-        oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-        ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        oh, ow = out_hw(self, *input_shape[-2:])
         return oh * ow
 
     def set_mask(self, mask: torch.Tensor) -> None:
