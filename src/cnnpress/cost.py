@@ -17,12 +17,20 @@ from rich.table import Table
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from cnnpress.errors import ConfigError
 from cnnpress.floats import stored_float_bits
 from cnnpress.format.layout import folds
 from cnnpress.methods import method_for
 from cnnpress.methods.base import LayerCost
 
-__all__ = ["Summary", "SummaryRow", "inference_numel", "summary"]
+__all__ = [
+    "MAX_INPUT_PIXELS",
+    "Summary",
+    "SummaryRow",
+    "check_input_shape",
+    "inference_numel",
+    "summary",
+]
 
 _SKIP_BUFFERS = ("num_batches_tracked",)
 
@@ -181,6 +189,31 @@ def _weight_count(module: nn.Module) -> int:
     return inference_numel(module)
 
 
+#: The largest H x W a summary runs the model on (a forward pass of one image).
+MAX_INPUT_PIXELS = 2048 * 2048
+
+
+def check_input_shape(model: nn.Module, input_shape: tuple[int, ...]) -> None:
+    """Refuse an input shape that is not (C, H, W) of positive integers, whose C is not the
+    model's input channels, or whose H x W exceeds :data:`MAX_INPUT_PIXELS` (one line)."""
+    shape = tuple(input_shape) if isinstance(input_shape, (tuple, list)) else ()
+    ints = all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in shape)
+    if len(shape) != 3 or not ints:
+        raise ConfigError(
+            f"the input shape must be C,H,W (three positive integers), got {input_shape!r:.60}"
+        )
+    channels = (getattr(model, "cnnpress_arch", None) or {}).get("in_channels")
+    c, h, w = shape
+    if channels is not None and c != channels:
+        raise ConfigError(
+            f"the model takes {channels}-channel inputs, the input shape {c}x{h}x{w} has {c}"
+        )
+    if h * w > MAX_INPUT_PIXELS:
+        raise ConfigError(
+            f"the input shape {c}x{h}x{w} is too large (at most {MAX_INPUT_PIXELS:,} pixels)"
+        )
+
+
 def summary(
     model: nn.Module,
     input_shape: tuple[int, ...],
@@ -199,7 +232,12 @@ def summary(
 
     Returns:
         A :class:`Summary`; ``totals`` are sums over ``rows`` plus the ratios.
+
+    Raises:
+        ConfigError: ``input_shape`` is not three positive integers, not of the channels the
+            model takes, larger than :data:`MAX_INPUT_PIXELS`, or a shape the model cannot run.
     """
+    check_input_shape(model, input_shape)
     leaves: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
         method = method_for(module)
@@ -221,6 +259,10 @@ def summary(
     try:
         with torch.no_grad(), counter:
             model(torch.zeros(1, *input_shape, device=_device(model)))
+    except RuntimeError as err:  # a spatial size the architecture cannot take
+        shape = "x".join(map(str, input_shape))
+        problem = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"the model cannot run on a {shape} input ({problem})") from None
     finally:
         model.train(was_training)
         for h in hooks:

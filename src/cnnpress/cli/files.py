@@ -17,6 +17,7 @@ from cnnpress.cost import summary
 from cnnpress.data import DatasetSpec, Loader, get_spec, load_dataset
 from cnnpress.errors import CnnpressError
 from cnnpress.train.checkpoint import load_model
+from cnnpress.train.fits import check_fits
 from cnnpress.train.loop import evaluate
 
 __all__ = ["cmd_evaluate", "cmd_export", "cmd_predict", "cmd_summary"]
@@ -28,11 +29,7 @@ def cmd_evaluate(args: argparse.Namespace, console: Console, err: Console) -> di
     model, meta = load_model(args.model_file)
     spec = DatasetSpec.from_dict(meta["dataset"])
     name = args.data or spec.name
-    if get_spec(name).in_channels != spec.in_channels:
-        raise CnnpressError(
-            f"{args.model_file} takes {spec.in_channels}-channel images, {name} "
-            f"has {get_spec(name).in_channels}"
-        )
+    check_fits(model, get_spec(name), args.model_file)
     test = load_dataset(name, "test", args.data_dir)
     metrics = evaluate(model, Loader(test, args.batch_size, train=False))
     result = {"model_file": args.model_file, "data": name, "samples": len(test), **metrics}
@@ -59,7 +56,12 @@ def cmd_summary(args: argparse.Namespace, console: Console, err: Console) -> dic
         try:
             shape = tuple(int(v) for v in args.input_shape.split(","))
         except ValueError:
-            raise CnnpressError(f"--input-shape must be C,H,W, got {args.input_shape!r}") from None
+            shape = ()
+        if len(shape) != 3 or min(shape) < 1:
+            raise CnnpressError(
+                f"--input-shape must be C,H,W: three positive integers such as 1,28,28; "
+                f"got {args.input_shape!r}"
+            )
     else:
         spec = _dataset_of(meta, args.model_file)
         shape = (spec.in_channels, *spec.image_size)

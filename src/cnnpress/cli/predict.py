@@ -39,10 +39,49 @@ def _as_nchw(arr: np.ndarray, spec: DatasetSpec, path: Path) -> np.ndarray:
     return arr
 
 
+def _pixels(arr: np.ndarray, path: Path) -> np.ndarray:
+    """The uint8 pixels of a .npy array: integers in 0..255, or floats in [0, 1]."""
+    kind = arr.dtype.kind
+    if kind in "iu" and arr.size:
+        low, high = int(arr.min()), int(arr.max())
+        if low < 0 or high > 255:
+            raise CnnpressError(
+                f"{path}: integer pixels must lie in 0..255, these lie in {low}..{high}"
+            )
+    if kind in "iu":
+        return arr.astype(np.uint8)
+    if kind == "f":
+        if not np.isfinite(arr).all():
+            raise CnnpressError(f"{path}: the pixels include NaN or infinite values")
+        if arr.size and (arr.min() < 0 or arr.max() > 1):
+            raise CnnpressError(
+                f"{path}: float pixels must lie in [0, 1], these lie in "
+                f"[{float(arr.min()):g}, {float(arr.max()):g}] (divide 0-255 values by 255)"
+            )
+        return np.rint(arr * 255.0).astype(np.uint8)
+    raise CnnpressError(
+        f"{path}: pixels must be integers in 0..255 (uint8) or floats in [0, 1], "
+        f"not {arr.dtype} ({_KINDS.get(kind, 'another kind of value')})"
+    )
+
+
+#: numpy's dtype kinds that are no pixel values, in words.
+_KINDS = {
+    "b": "true/false values",
+    "c": "complex numbers",
+    "U": "text",
+    "S": "bytes",
+    "O": "Python objects",
+    "V": "records",
+    "M": "dates",
+    "m": "time spans",
+}
+
+
 def read_images(path: str | Path, spec: DatasetSpec) -> torch.Tensor:
     """Normalised float images (N, C, H, W) from an IDX, .npy or PNG file.
 
-    Pixels are uint8 (0-255); float .npy arrays must already be in [0, 1].
+    Pixels are integers in 0-255 (uint8 or wider); float .npy arrays must be in [0, 1].
     """
     path = Path(path)
     if not path.is_file():
@@ -62,9 +101,7 @@ def read_images(path: str | Path, spec: DatasetSpec) -> torch.Tensor:
             arr = np.load(path, allow_pickle=False)
         except (ValueError, OSError) as err:
             raise CnnpressError(f"{path}: not a readable .npy array ({err})") from None
-        if arr.dtype.kind == "f":
-            arr = np.clip(np.rint(arr * 255.0), 0, 255)
-        arr = arr.astype(np.uint8)
+        arr = _pixels(arr, path)
     else:
         arr = read_idx(path)
     images = torch.from_numpy(np.array(_as_nchw(arr, spec, path), dtype=np.uint8))

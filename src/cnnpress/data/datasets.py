@@ -206,6 +206,11 @@ def load_dataset(
     folder = Path(data_dir) if data_dir is not None else default_data_dir(name)
     if folder is None:
         raise DataError(f"dataset {name!r} has no default folder; {_HINTS[name]}")
+    if folder.exists() and not folder.is_dir():
+        raise DataError(
+            f"{folder} is a file, not a folder: the data folder (--data-dir) is the folder "
+            f"that holds the {name} files"
+        )
     if name == "cifar10":
         images, labels = load_cifar10(folder, split, _HINTS[name])
     else:

@@ -8,6 +8,7 @@ import torch
 
 from cnnpress.data.spec import Dataset
 from cnnpress.data.transforms import normalize, random_crop, random_hflip
+from cnnpress.errors import ConfigError
 
 __all__ = ["Loader"]
 
@@ -49,8 +50,8 @@ class Loader:
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"the batch size must be a positive integer, got {batch_size!r}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world={world_size}")
         self.dataset = dataset

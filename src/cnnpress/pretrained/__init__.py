@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cnnpress.errors import CnnpressError
 
-__all__ = ["PREFIX", "names", "path", "resolve"]
+__all__ = ["PREFIX", "model_file", "names", "path", "resolve"]
 
 PREFIX = "pretrained:"
 _HERE = Path(__file__).parent
@@ -37,3 +37,22 @@ def resolve(where: str | Path) -> Path:
     """``pretrained:NAME`` as its file; any other path unchanged."""
     text = str(where)
     return path(text[len(PREFIX) :]) if text.startswith(PREFIX) else Path(where)
+
+
+def model_file(where: str | Path) -> Path:
+    """The file a model argument names: ``pretrained:NAME``'s file, a run folder's
+    ``model.cnnp`` (else its ``checkpoint.safetensors``), or the path itself.
+
+    Raises:
+        CnnpressError: A folder that holds neither file (one line saying so).
+    """
+    file = resolve(where)
+    if not file.is_dir():
+        return file
+    for name in ("model.cnnp", "checkpoint.safetensors"):
+        if (file / name).is_file():
+            return file / name
+    raise CnnpressError(
+        f"{file} is a folder with no model.cnnp or checkpoint.safetensors in it; pass a model "
+        "file (.cnnp) or the folder of a run that has finished an epoch"
+    )

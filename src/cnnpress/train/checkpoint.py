@@ -164,12 +164,9 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     ``pretrained:NAME`` (a model shipped with the package, ``cnnpress.pretrained``).
     """
     from cnnpress.format import load
-    from cnnpress.pretrained import resolve
+    from cnnpress.pretrained import model_file
 
-    path = resolve(path)
-    if path.is_dir():
-        cnnp = path / "model.cnnp"
-        path = cnnp if cnnp.is_file() else path / "checkpoint.safetensors"
+    path = model_file(path)
     if path.suffix == ".cnnp":
         model = load(path)
         meta = {
