@@ -118,3 +118,35 @@ def test_honest_size_at_every_float_width(compressed, tmp_path, float_bits):
     err = ((a - b).norm() / a.norm()).item()
     # XNOR-Net binarises x - beta: a rounded threshold flips some input signs outright
     assert err < (0.1 if float_bits == 8 or name == "xnor" else 0.01), (name, err)
+
+
+NOTHING_TO_COMPRESS = {
+    "only Linear layers": torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(12, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)
+    ),
+    "only a first conv": torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8, 3)
+    ),
+}
+
+
+@pytest.mark.parametrize("model", list(NOTHING_TO_COMPRESS))
+@pytest.mark.parametrize("name", METHODS)
+def test_nothing_to_compress_is_one_error_naming_the_candidates(name, model):
+    """A model where the default rule selects no layer is refused, not returned unchanged."""
+    net = NOTHING_TO_COMPRESS[model]
+    with pytest.raises(cnnpress.CnnpressError, match="nothing to compress") as info:
+        cnnpress.compress(net, name)
+    message = str(info.value)
+    assert "\n" not in message and name in message
+    has_conv = any(isinstance(m, torch.nn.Conv2d) for m in net.modules())
+    if name == "filter_prune" and not has_conv:
+        assert "it has no Conv2d layer" in message, message
+        return
+    if has_conv:
+        assert "0 (Conv2d: the first conv, include_first)" in message, message
+        assert "include_first: true" in message
+    if name != "filter_prune":  # filter pruning removes conv channels only
+        assert "3 (Linear: include_linear)" in message, message
+        assert "include_linear: true" in message
+    assert "layers: {NAME: {include: true}}" in message

@@ -41,6 +41,8 @@ METHODS: Registry = Registry("method")
 PLAIN_CONV = Represents()
 #: What a layer that keeps every setting of the conv it replaces represents.
 ANY_CONV = Represents(groups=True, dilation=True, padding_mode=True, uneven_padding=True)
+#: Candidate layers named at most in the "nothing to compress" message.
+_SHOWN = 8
 
 
 @dataclass(frozen=True)
@@ -146,47 +148,81 @@ def select_layers(
 
     Raises:
         ConfigError: A ``layers`` pattern matches no layer; a layer that ``layers`` includes
-            is a conv the method cannot represent (named, with what it lacks).
+            is a conv the method cannot represent (named, with what it lacks); or no layer is
+            selected at all (the message names the model's candidate layers, why each was
+            left out and how to include one).
     """
     chosen = []
     first_conv_seen = False
     patterns = dict(config.layers)
     matched: set[str] = set()
+    left_out: list[str] = []  # "name (kind: why)" of each candidate not chosen
     for name, module in model.named_modules():
         if not isinstance(module, kinds):
             continue
         if isinstance(module, nn.Conv2d):
-            default = (
-                module.groups == 1
-                and represents.missing(module) is None
-                and (first_conv_seen or config.include_first)
-            )
+            missing = represents.missing(module)
+            if not (first_conv_seen or config.include_first):
+                why = "the first conv, include_first"
+            elif module.groups != 1:
+                why = f"groups={module.groups}"
+            else:
+                why = f"cannot represent {missing}" if missing else ""
             first_conv_seen = True
         else:
-            default = isinstance(module, nn.Linear) and config.include_linear
-        include, overrides = default, {}
+            why = "" if config.include_linear else "include_linear"
+        include, overrides = not why, {}
         for pattern, value in patterns.items():
             if not fnmatch.fnmatchcase(name, pattern):
                 continue
             matched.add(pattern)
             if value is None:
-                include = False
+                include, why = False, f"left out by layers[{pattern!r}]"
                 continue
             if not isinstance(value, dict):
                 raise ConfigError(f"layers[{pattern!r}] must be a mapping of settings or null")
             value = dict(value)
             if value.pop("skip", False):
-                include = False
+                include, why = False, f"left out by layers[{pattern!r}]"
             if value.pop("include", False):
                 include = True
             overrides.update(value)
         if include:
             represents.check(module, name, method)
             chosen.append((name, module, overrides))
+        else:
+            left_out.append(f"{name} ({type(module).__name__}: {why})")
     unused = sorted(set(patterns) - matched)
     if unused:
         raise ConfigError(f"layer pattern(s) {', '.join(unused)} match no layer of the model")
+    if not chosen:
+        raise ConfigError(_nothing_to_compress(model, kinds, method, left_out))
     return chosen
+
+
+def _nothing_to_compress(
+    model: nn.Module, kinds: tuple[type, ...], method: str, left_out: list[str]
+) -> str:
+    """One line: no layer was selected, what the default rule takes, and how to include one."""
+    where = f"{method} finds nothing to compress in {type(model).__name__}"
+    if not left_out:
+        kind = " or ".join(k.__name__ for k in kinds)
+        return f"{where}: it has no {kind} layer"
+    rule = "every Conv2d (groups 1, one it can represent) but the first"
+    if nn.Linear in kinds:
+        rule += ", and Linear layers only with include_linear"
+    shown = left_out[:_SHOWN]
+    if len(left_out) > _SHOWN:
+        shown.append(f"{len(left_out) - _SHOWN} more")
+    how = "layers: {NAME: {include: true}}" + (
+        ", include_first: true or include_linear: true"
+        if nn.Linear in kinds
+        else " or include_first: true"
+    )
+    return (
+        f"{where}: the default rule takes {rule}; candidate layers: {', '.join(shown)}; "
+        f"include one with {how}"
+    )
 
 
 def following_batchnorm(model: nn.Module) -> dict[str, nn.Module]:

@@ -376,6 +376,7 @@ class FilterPrune(Method):
 
     def resolve(self, model: nn.Module, config: FilterPruneConfig) -> FilterPruneConfig:
         """Fix the kept channel count of every pruned conv in ``channels``."""
+        _criteria(model, config)  # nothing selected: say so before tracing the model
         return self._resolve(model, config, prunable_channels(model))
 
     def _resolve(
@@ -414,6 +415,7 @@ class FilterPrune(Method):
         return dataclasses.replace(config, channels=kept)
 
     def convert(self, model: nn.Module, config: FilterPruneConfig) -> nn.Module:
+        _criteria(model, config)  # nothing selected: say so before tracing the model
         groups = prunable_channels(model)
         config = self._resolve(model, config, groups)
         settings, _ = _criteria(model, config)
