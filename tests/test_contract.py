@@ -9,6 +9,7 @@ per array), and the file is smaller than fp32.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 
@@ -17,6 +18,7 @@ import torch
 
 import cnnpress
 from cnnpress.format import read_info
+from cnnpress.methods import method_for
 from cnnpress.methods.base import config_from_dict
 
 METHODS = cnnpress.methods.names()
@@ -150,3 +152,80 @@ def test_nothing_to_compress_is_one_error_naming_the_candidates(name, model):
         assert "3 (Linear: include_linear)" in message, message
         assert "include_linear: true" in message
     assert "layers: {NAME: {include: true}}" in message
+
+
+def small_model() -> torch.nn.Module:
+    """A width-8 ResNet-20 whose BatchNorm statistics fit its outputs (so that no activation
+    overflows float16 in eval mode)."""
+    torch.manual_seed(0)
+    return cnnpress.models.create("resnet20", 1, 10, width=8)
+
+
+def calibrate(net: torch.nn.Module, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Running BatchNorm statistics from one batch (as a trained model has), then eval mode."""
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+    net.train()
+    with torch.no_grad():
+        net(torch.randn(16, 1, 28, 28, dtype=dtype))
+    return net.eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", METHODS)
+def test_half_precision_on_the_cpu(name, dtype):
+    """A compressed model moved to float16/bfloat16 computes in that dtype, close to float32,
+    trains a step in it, and packs its layers for the file (as float32 arrays)."""
+    net = calibrate(cnnpress.compress(small_model(), name))
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        ref = net(x)
+        half = copy.deepcopy(net).to(dtype)
+        y = half(x.to(dtype))
+    assert y.dtype == dtype and torch.isfinite(y).all(), name
+    err = ((y.float() - ref).norm() / ref.norm()).item()
+    # XNOR-Net binarises every layer's input: 1e-3 of noise on the input alone moves this
+    # model's float32 output by 13%, and float16 rounds at 5e-4
+    assert err < (0.3 if name == "xnor" else 0.1), (name, err)
+    half.train()
+    half(x.to(dtype)).float().logsumexp(1).sum().backward()
+    grads = [p.grad for p in half.parameters() if p.grad is not None]
+    assert grads and all(g.dtype == dtype and torch.isfinite(g).all() for g in grads), name
+    for module in half.modules():
+        method = method_for(module)
+        if method is not None:
+            for encoding, values in method.pack(module).values():
+                assert values.dtype != "float16" or encoding == "f2", (name, encoding)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", METHODS)
+def test_compressing_a_half_precision_model_keeps_its_dtype(name, dtype):
+    """Every compressed layer of a float16/bfloat16 model is in that dtype, so it runs."""
+    net = calibrate(cnnpress.compress(small_model().to(dtype), name), dtype)
+    floats = {p.dtype for p in net.parameters()} | {
+        b.dtype for b in net.buffers() if b.is_floating_point()
+    }
+    assert floats == {dtype}, (name, floats)
+    with torch.no_grad():
+        y = net(torch.randn(2, 1, 28, 28, dtype=dtype))
+    assert y.dtype == dtype and torch.isfinite(y).all(), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", METHODS)
+def test_compress_save_load_and_forward_on_cuda(name, tmp_path):
+    """Converted, planned and packed from CUDA tensors; the file loads and runs on CUDA."""
+    net = cnnpress.compress(calibrate(small_model()).cuda(), name).eval()
+    x = torch.randn(3, 1, 28, 28, device="cuda")
+    with torch.no_grad():
+        y = net(x)
+    path = tmp_path / f"{name}.cnnp"
+    cnnpress.save(net, path)
+    loaded = cnnpress.load(path).cuda()
+    with torch.no_grad():
+        again = loaded(x)
+    assert again.device.type == "cuda"
+    assert ((again - y).norm() / y.norm()).item() < 1e-4, name

@@ -13,6 +13,8 @@ import fnmatch
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
+import torch
 from torch import nn
 
 from cnnpress.errors import ConfigError
@@ -33,6 +35,7 @@ __all__ = [
     "following_batchnorm",
     "replace_module",
     "select_layers",
+    "to_numpy",
 ]
 
 METHODS: Registry = Registry("method")
@@ -241,6 +244,14 @@ def following_batchnorm(model: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
+def to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A tensor's values as :meth:`Method.pack` gives them: detached, on the CPU, floats as
+    float32 whatever the layer's dtype (numpy has no bfloat16; the file stores each float at
+    its own ``float_bits``)."""
+    values = tensor.detach().cpu()
+    return (values.float() if values.is_floating_point() else values).numpy()
+
+
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     """Put ``new`` where the submodule called ``name`` is."""
     parent_name, _, child = name.rpartition(".")
@@ -288,7 +299,8 @@ class Method:
         raise NotImplementedError
 
     def pack(self, layer: nn.Module, float_bits: int = 32) -> dict[str, tuple[str, Any]]:
-        """The exact stored form: ``{name: (encoding, numpy array)}``.
+        """The exact stored form: ``{name: (encoding, numpy array)}`` (:func:`to_numpy`: from
+        any device and float dtype).
 
         Encodings: ``"f4"`` float32, ``"f2"`` float16, ``"q8"`` int8 with scales
         (:func:`cnnpress.floats.float_encoding` of ``float_bits`` for floats), ``"uB"``

@@ -67,6 +67,7 @@ from cnnpress.methods.base import (
     following_batchnorm,
     replace_module,
     select_layers,
+    to_numpy,
 )
 from cnnpress.quantizers import binary_sign, sign_ste
 
@@ -456,15 +457,15 @@ class _BinaryMethod(Method):
         """Signs at 1 bit (1 = +1, the weight's shape); alpha, scale, shift, bias as floats."""
         enc = float_encoding(float_bits)
         arrays: dict[str, tuple[str, Any]] = {
-            "sign": ("u1", (layer.signs() > 0).to(torch.uint8).cpu().numpy())
+            "sign": ("u1", to_numpy((layer.signs() > 0).to(torch.uint8)))
         }
         with torch.no_grad():
             if layer.has_alpha:
-                arrays["alpha"] = (enc, layer.alpha().float().cpu().numpy())
+                arrays["alpha"] = (enc, to_numpy(layer.alpha()))
             for name in ("scale", "shift", "bias"):
                 tensor = getattr(layer, name)
                 if tensor is not None:
-                    arrays[name] = (enc, tensor.detach().float().cpu().numpy())
+                    arrays[name] = (enc, to_numpy(tensor))
         return arrays
 
     def unpack(self, layer: nn.Module, arrays: dict[str, Any]) -> None:

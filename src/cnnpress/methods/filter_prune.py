@@ -104,7 +104,8 @@ def _trace(model: nn.Module) -> tuple[list[_Op], Any]:
                     rec.ops.append(_Op(name, m, _tensors(a), out))
 
             hooks += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
-    x = torch.zeros(1, first.in_channels, 16, 16, device=first.weight.device)
+    w = first.weight
+    x = torch.zeros(1, first.in_channels, 16, 16, device=w.device, dtype=w.dtype)
     was_training = model.training
     model.eval()
     try:
@@ -316,7 +317,8 @@ def _shrink(
             len(out_idx), module.eps, module.momentum, module.affine, module.track_running_stats
         )
         state = module.state_dict()
-        new.to(out_idx.device)
+        floats = [v for v in state.values() if v.is_floating_point()]
+        new.to(out_idx.device, floats[0].dtype if floats else None)
         with torch.no_grad():
             for key, value in state.items():
                 keep = value if key == "num_batches_tracked" else value[out_idx]

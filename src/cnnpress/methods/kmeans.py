@@ -42,6 +42,7 @@ from cnnpress.methods.base import (
     MethodConfig,
     replace_module,
     select_layers,
+    to_numpy,
 )
 from cnnpress.methods.sparse import (
     SparseLayer,
@@ -246,13 +247,13 @@ class KMeans(Method):
         """Codebook (float), indices at ``bits`` each, positions when sparse, bias."""
         enc = float_encoding(float_bits)
         arrays = {
-            "codebook": (enc, layer.centroids.detach().cpu().numpy()),
-            "indices": (f"u{layer.bits}", layer.indices().cpu().numpy()),
+            "codebook": (enc, to_numpy(layer.centroids)),
+            "indices": (f"u{layer.bits}", to_numpy(layer.indices())),
         }
         if layer.mask is not None:
             arrays["positions"] = layer.positions()
         if layer.bias is not None:
-            arrays["bias"] = (enc, layer.bias.detach().cpu().numpy())
+            arrays["bias"] = (enc, to_numpy(layer.bias))
         return arrays
 
     def unpack(self, layer: nn.Module, arrays: dict[str, Any]) -> None:

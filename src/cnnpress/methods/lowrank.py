@@ -58,6 +58,7 @@ from cnnpress.methods.base import (
     config_from_dict,
     replace_module,
     select_layers,
+    to_numpy,
 )
 
 __all__ = [
@@ -367,7 +368,7 @@ class LowRank(Method):
             if module.bias is not None:
                 with torch.no_grad():
                     new.bias.copy_(module.bias)
-            new.to(module.weight.device)
+            new.to(module.weight.device, module.weight.dtype)
             replace_module(model, name, new)
         return model
 
@@ -396,7 +397,7 @@ class LowRank(Method):
         enc = float_encoding(float_bits)
         names = ("first", "core", "last", "bias")
         return {
-            n: (enc, getattr(layer, n).detach().cpu().numpy())
+            n: (enc, to_numpy(getattr(layer, n)))
             for n in names
             if getattr(layer, n, None) is not None
         }

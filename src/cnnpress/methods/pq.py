@@ -51,6 +51,7 @@ from cnnpress.methods.base import (
     config_from_dict,
     replace_module,
     select_layers,
+    to_numpy,
 )
 from cnnpress.quantizers import mean_gather
 
@@ -340,7 +341,7 @@ class PQ(Method):
             if module.bias is not None:
                 with torch.no_grad():
                     new.bias.copy_(module.bias)
-            new.to(weight.device)
+            new.to(weight.device, weight.dtype)
             replace_module(model, name, new)
         return model
 
@@ -360,11 +361,11 @@ class PQ(Method):
         """Codebooks and bias as ``f4``/``f2``, codes as ``u<bits>``."""
         enc = float_encoding(float_bits)
         arrays: dict[str, tuple[str, Any]] = {
-            "codebooks": (enc, layer.codebooks.detach().cpu().numpy()),
-            "codes": (f"u{layer.bits}", layer.codes.cpu().numpy()),
+            "codebooks": (enc, to_numpy(layer.codebooks)),
+            "codes": (f"u{layer.bits}", to_numpy(layer.codes)),
         }
         if layer.bias is not None:
-            arrays["bias"] = (enc, layer.bias.detach().cpu().numpy())
+            arrays["bias"] = (enc, to_numpy(layer.bias))
         return arrays
 
     def unpack(self, layer: nn.Module, arrays: dict[str, Any]) -> None:

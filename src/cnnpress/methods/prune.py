@@ -37,6 +37,7 @@ from cnnpress.methods.base import (
     MethodConfig,
     replace_module,
     select_layers,
+    to_numpy,
 )
 from cnnpress.methods.sparse import (
     SparseLayer,
@@ -208,11 +209,11 @@ class MagnitudePrune(Method):
         enc = float_encoding(float_bits)
         positions = layer.positions()
         arrays = {
-            "values": (enc, layer.weight.detach()[layer.mask].cpu().numpy()),
+            "values": (enc, to_numpy(layer.weight[layer.mask])),
             "positions": positions,
         }
         if layer.bias is not None:
-            arrays["bias"] = (enc, layer.bias.detach().cpu().numpy())
+            arrays["bias"] = (enc, to_numpy(layer.bias))
         return arrays
 
     def unpack(self, layer: nn.Module, arrays: dict[str, Any]) -> None:

@@ -63,6 +63,7 @@ from cnnpress.methods.base import (
     following_batchnorm,
     replace_module,
     select_layers,
+    to_numpy,
 )
 from cnnpress.methods.binary_kmeans import lloyd_step, unit_slices
 from cnnpress.quantizers import binary_sign
@@ -474,6 +475,7 @@ class SLBF(Method):
             new.to(next(module.parameters()).device)
             if slbf_init.wants_weights(settings.init):
                 slbf_init.init_from_module(new, module, batchnorms.get(name))
+            new.to(dtype=module.weight.dtype)  # init in float32, then the replaced layer's dtype
             replace_module(model, name, new)
         return model
 
@@ -495,14 +497,14 @@ class SLBF(Method):
     def pack(self, layer: nn.Module, float_bits: int = 32) -> dict[str, tuple[str, Any]]:
         """Bank as 1-bit values (1 = +1), indices at ceil(log2 m) bits, floats as given."""
         arrays: dict[str, tuple[str, Any]] = {
-            "bank": ("u1", (layer.bank() > 0).to(torch.uint8).cpu().numpy()),
-            "indices": (f"u{index_bits(layer.num_filters)}", layer.indices().cpu().numpy()),
+            "bank": ("u1", to_numpy((layer.bank() > 0).to(torch.uint8))),
+            "indices": (f"u{index_bits(layer.num_filters)}", to_numpy(layer.indices())),
         }
         enc = float_encoding(float_bits)
         for name in ("scale", "bias"):
             tensor = getattr(layer, name)
             if tensor is not None:
-                arrays[name] = (enc, tensor.detach().float().cpu().numpy())
+                arrays[name] = (enc, to_numpy(tensor))
         return arrays
 
     def unpack(self, layer: nn.Module, arrays: dict[str, Any]) -> None:
