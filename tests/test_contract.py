@@ -229,3 +229,14 @@ def test_compress_save_load_and_forward_on_cuda(name, tmp_path):
         again = loaded(x)
     assert again.device.type == "cuda"
     assert ((again - y).norm() / y.norm()).item() < 1e-4, name
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_no_compressed_layer_stores_more_than_its_fp32_layer(name):
+    """At default settings on a small model (a width-8 ResNet-20's 8x8-channel convs) every
+    compressed layer is smaller than the float32 layer it replaces."""
+    net = cnnpress.compress(small_model(), name)
+    rows = [r for r in cnnpress.summary(net, (1, 28, 28)).rows if r.compressed]
+    assert rows or name == "filter_prune"  # filter pruning leaves plain, smaller layers
+    too_big = [(r.name, r.stored_bits, r.fp32_bits) for r in rows if r.stored_bits >= r.fp32_bits]
+    assert not too_big, (name, too_big)

@@ -15,7 +15,7 @@ import cnnpress
 import cnnpress.methods.pq  # noqa: F401  (registers the method)
 from cnnpress.errors import ConfigError
 from cnnpress.format import read_info
-from cnnpress.methods.pq import PQ, PQConfig, PQConv2d, PQLinear, kmeans
+from cnnpress.methods.pq import PQ, PQConfig, PQConv2d, PQLinear, capped_bits, kmeans
 from cnnpress.runtime.dense import to_dense
 
 
@@ -98,13 +98,30 @@ def test_every_subvector_is_a_centroid_of_its_codebook(shared):
     torch.testing.assert_close(layer.bias, conv.bias)
 
 
-def test_fewer_subvectors_than_centroids_is_exact():
+def test_fewer_subvectors_than_centroids_caps_the_bits():
+    """16 centroids for 12 sub-vectors of 9 values would store 16*9 floats for 12*9 weights:
+    the bits go down to 3 (8 centroids), the first width that stores less than fp32."""
     torch.manual_seed(3)
-    conv = nn.Conv2d(4, 3, 3)  # 3 x 4 = 12 sub-vectors of 9 values, 16 centroids
-    w = conv.weight.detach().clone()
+    conv = nn.Conv2d(4, 3, 3)  # 3 x 4 = 12 sub-vectors of 9 values
     layer = converted(conv, bits=4)
-    assert layer.codebooks.shape == (1, 16, 9)
-    torch.testing.assert_close(layer.dense_weight().detach(), w, rtol=0, atol=0)
+    assert layer.bits == 3 and layer.codebooks.shape == (1, 8, 9)
+    assert layer.stored_bits() < layer.fp32_bits() < 16 * 9 * 32 + 12 * 4
+    assert capped_bits(3, 36, 9, 4, True) == 3
+    assert capped_bits(3, 36, 9, 4, False) == 1  # a codebook per sub-space: 3 vectors each
+    assert capped_bits(64, 576, 9, 8, True) == 8  # 4096 sub-vectors: 256 centroids are fine
+
+
+def test_capped_bits_are_recorded_in_the_config():
+    """The lowered bits are in the recorded config, so the file rebuilds the same shapes."""
+    net = tiny_resnet()
+    layers = net.cnnpress_method["config"]["layers"]
+    first = net.layer1[0].conv1  # 8 filters x 8 channels: 64 sub-vectors of 9 values
+    assert first.bits == 5 and layers["layer1.0.conv1"] == {"bits": 5}
+    assert "layer3.0.conv2" not in layers and net.layer3[0].conv2.bits == 8
+    for name, module in net.named_modules():
+        if isinstance(module, PQConv2d):
+            assert module.stored_bits() < module.fp32_bits(), name
+            assert layers.get(name, {}).get("bits", 8) == module.bits, name
 
 
 @pytest.mark.parametrize("shared", [True, False])
@@ -144,7 +161,8 @@ def test_resnet_forward_gradients_and_defaults(default_resnet, pq_resnet):
     net = copy.deepcopy(default_resnet)
     pq = [m for m in net.modules() if isinstance(m, PQConv2d)]
     assert len(pq) == 18 and isinstance(net.conv1, nn.Conv2d) and isinstance(net.fc, nn.Linear)
-    assert all(m.subvector == 9 and m.codebooks.shape == (1, 256, 9) for m in pq)
+    assert all(m.subvector == 9 and m.codebooks.shape == (1, 2**m.bits, 9) for m in pq)
+    assert [m.bits for m in pq] == [5] * 6 + [6] + [7] * 5 + [8] * 6
     net.train()
     out = net(torch.randn(2, 1, 28, 28))
     assert out.shape == (2, 10) and torch.isfinite(out).all()

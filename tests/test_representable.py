@@ -30,8 +30,7 @@ EXACT = {
     "kmeans": {"bits": 16},
     "lowrank": {"ranks": {"body": [8, 8], "mid": [8, 8], "head": [8, 8]}},
     "magnitude_prune": {"sparsity": 0.0},
-    "pq": {},  # 8 bits: as many centroids as sub-vectors, so the codebook holds them all
-}
+}  # (pq is exact only with a centroid per sub-vector, which it caps: more than fp32)
 
 BODIES = {
     "grouped": dict(kernel_size=3, padding=1, groups=4),

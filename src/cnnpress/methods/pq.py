@@ -24,8 +24,11 @@ of its members' gradients (``cnnpress.quantizers.mean_gather``: the sum would ma
 grow with the number of members).
 
 Stored bits: ``G*K*s*float_bits`` (codebooks, ``G`` = 1 or ``M``) + ``n*M*bits`` (codes) +
-``float_bits`` per bias. Operations counted: the dense conv with the reconstructed filters
-(``n*c*kh*kw`` MACs per output pixel); PQ's lookup-table inference is not counted.
+``float_bits`` per bias. Where that would be no less than the float32 weights (``K`` as large
+as the number of sub-vectors a codebook codes, in a small layer) ``bits`` is lowered for that
+layer, as low-rank lowers its ranks (:func:`capped_bits`, recorded in ``layers``).
+Operations counted: the dense conv with the reconstructed filters (``n*c*kh*kw`` MACs per
+output pixel); PQ's lookup-table inference is not counted.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ from cnnpress.methods.base import (
 )
 from cnnpress.quantizers import mean_gather
 
-__all__ = ["PQ", "PQConfig", "PQConv2d", "PQLinear", "kmeans"]
+__all__ = ["PQ", "PQConfig", "PQConv2d", "PQLinear", "capped_bits", "kmeans"]
 
 MAX_BITS = 16
 _PLUSPLUS_LIMIT = 1024  # above this many centroids, seed from a random sample (k-means++ is serial)
@@ -140,6 +143,24 @@ def _check(
         )
     if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= MAX_BITS:
         raise ConfigError(f"{at}bits must be an integer from 1 to {MAX_BITS}, got {bits!r}")
+
+
+def capped_bits(
+    out_channels: int, fan_in: int, subvector: int, bits: int, shared_codebook: bool
+) -> int:
+    """``bits`` lowered until codebooks and codes take fewer bits than the float32 weights.
+
+    A codebook with as many centroids as the sub-vectors it codes (``2**bits >= n*M``
+    shared, ``>= n`` per sub-space) holds every sub-vector once more and stores more than the
+    layer it replaces; so, as low-rank caps its ranks, ``bits`` goes down (to 1 at least)
+    while ``G * 2**bits * s * 32 + n * M * bits >= n * fan_in * 32`` (``M = fan_in / s``).
+    """
+    subspaces = fan_in // subvector
+    books = 1 if shared_codebook else subspaces
+    dense = 32 * out_channels * fan_in
+    while bits > 1 and books * 2**bits * subvector * 32 + out_channels * subspaces * bits >= dense:
+        bits -= 1
+    return bits
 
 
 class _PQBase(nn.Module):
@@ -262,7 +283,9 @@ class PQConfig(MethodConfig):
     Attributes:
         subvector: Values per sub-vector ``s``; must divide c*kh*kw. ``None``: kh*kw (one
             channel's kernel, so every conv qualifies; 1 for a Linear layer).
-        bits: Code width; each codebook has ``2**bits`` centroids (1 to 16).
+        bits: Code width; each codebook has ``2**bits`` centroids (1 to 16). Lowered per
+            layer where the codebooks would store more than the float32 weights
+            (:func:`capped_bits`); ``resolve`` records the lowered value in ``layers``.
         shared_codebook: One codebook for all sub-spaces of a layer (``True``) or one per
             sub-space (product quantization proper; pays off for layers with many filters).
         iterations: Lloyd iterations of k-means at convert time.
@@ -303,17 +326,43 @@ class PQ(Method):
     layer_types = (PQConv2d, PQLinear)
     represents = PLAIN_CONV  # groups 1, zero padding
 
-    def convert(self, model: nn.Module, config: PQConfig) -> nn.Module:
+    def _layers(
+        self, model: nn.Module, config: PQConfig
+    ) -> list[tuple[str, nn.Module, PQConfig, int, int]]:
+        """Per compressed layer: its name, module, settings, sub-vector length and code bits
+        (``bits`` capped by :func:`capped_bits`)."""
         base = {f.name: getattr(config, f.name) for f in dataclasses.fields(PQConfig)}
+        chosen = []
         for name, module, overrides in select_layers(
             model, config, represents=self.represents, method=self.name
         ):
             st = config_from_dict(PQConfig, {**base, **overrides, "layers": {}})
-            weight = module.weight
             if isinstance(module, nn.Conv2d):
                 kh, kw = module.kernel_size
-                sub = st.subvector if st.subvector is not None else kh * kw
-                _check(module.in_channels * kh * kw, sub, st.bits, name, kh * kw)
+                fan_in, kernel = module.in_channels * kh * kw, kh * kw
+            else:
+                fan_in, kernel = module.in_features, None
+            sub = st.subvector if st.subvector is not None else kernel or 1
+            _check(fan_in, sub, st.bits, name, kernel)
+            n = module.weight.shape[0]
+            bits = capped_bits(n, fan_in, sub, st.bits, st.shared_codebook)
+            chosen.append((name, module, st, sub, bits))
+        return chosen
+
+    def resolve(self, model: nn.Module, config: PQConfig) -> PQConfig:
+        """Record in ``layers`` the ``bits`` of each layer where :func:`capped_bits` lowers
+        them (codebooks as large as the sub-vectors they code would store more than fp32)."""
+        layers = dict(config.layers)
+        for name, _, st, _, bits in self._layers(model, config):
+            if bits != st.bits:
+                old = layers.get(name)
+                layers[name] = {**(old if isinstance(old, dict) else {}), "bits": bits}
+        return dataclasses.replace(config, layers=layers)
+
+    def convert(self, model: nn.Module, config: PQConfig) -> nn.Module:
+        for name, module, st, sub, bits in self._layers(model, config):
+            weight = module.weight
+            if isinstance(module, nn.Conv2d):
                 new: _PQBase = PQConv2d(
                     module.in_channels,
                     module.out_channels,
@@ -323,18 +372,16 @@ class PQ(Method):
                     module.dilation,
                     module.bias is not None,
                     sub,
-                    st.bits,
+                    bits,
                     st.shared_codebook,
                 )
             else:
-                sub = st.subvector if st.subvector is not None else 1
-                _check(module.in_features, sub, st.bits, name)
                 new = PQLinear(
                     module.in_features,
                     module.out_features,
                     module.bias is not None,
                     sub,
-                    st.bits,
+                    bits,
                     st.shared_codebook,
                 )
             new.quantize_from(weight, st.iterations, st.seed)
