@@ -150,6 +150,16 @@ def test_ranks_never_store_more_than_the_dense_layer():
     assert isinstance(net.fc, LowRankLinear) and net.fc.rank * (64 + 10) < 640
 
 
+def test_a_one_channel_first_conv_keeps_ranks_of_at_least_one():
+    """The first conv of a 1-channel model has r_in = 1 at most: the cap lowers r_out, not
+    r_in to 0 (which failed with "ranks['conv1'] must hold positive integers, got [0, 6]")."""
+    torch.manual_seed(7)
+    net = tiny_resnet(include_first=True, energy=1.0)
+    assert isinstance(net.conv1, LowRankConv2d) and net.conv1.r_in == 1
+    ranks = net.cnnpress_method["config"]["ranks"]["conv1"]
+    assert min(ranks) >= 1 and factor_weights(tuple(net.conv1.dense_weight().shape), ranks) < 72
+
+
 def test_full_ranks_reproduce_the_model_and_given_ranks_are_kept():
     torch.manual_seed(7)
     net = cnnpress.models.create("lenet5", 1, 10).eval()

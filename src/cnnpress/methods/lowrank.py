@@ -110,7 +110,8 @@ def _cap(shape: tuple[int, ...], ranks: list[int]) -> list[int]:
     ranks = [max(1, r) for r in ranks]
     dims = [min(shape)] if len(shape) == 2 else [shape[1], shape[0]]  # r / its largest value
     while factor_weights(shape, ranks) >= math.prod(shape) and max(ranks) > 1:
-        i = max(range(len(ranks)), key=lambda j: (ranks[j] / dims[j], ranks[j]))
+        lowerable = [j for j in range(len(ranks)) if ranks[j] > 1]
+        i = max(lowerable, key=lambda j: (ranks[j] / dims[j], ranks[j]))
         ranks[i] -= 1
     return ranks
 
