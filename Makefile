@@ -17,8 +17,9 @@ setup: $(STAMP)
 data:
 	@scripts/ensure-data.sh
 
-# Compress the shipped trained ResNet-20 with SLBF to a 20 KB file on Fashion-MNIST (a few
-# minutes on two cores) and print the before/after table and the per-layer size table.
+# Compress the shipped trained ResNet-20 with SLBF to a 20 KB file on Fashion-MNIST and print
+# the before/after table and the per-layer size table (benchmarks/demo.py times and measures
+# it: benchmarks/results/demo.json).
 demo: setup data
 	rm -rf runs/demo
 	$(BIN)/cnnpress compress --recipe recipes/demo.yaml --out runs/demo
@@ -27,10 +28,12 @@ demo: setup data
 # The whole test suite (slow real-data tests included; they run with small settings).
 test: setup data
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/lint-imports
 	$(BIN)/ruff format --check src tests benchmarks
 
 clean:

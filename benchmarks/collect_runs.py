@@ -17,10 +17,10 @@ from pathlib import Path
 import yaml
 
 import cnnpress
+from cnnpress.api import load_model
 from cnnpress.data import DatasetSpec, Loader, load_dataset
 from cnnpress.format import read_info
 from cnnpress.provenance import ALLOW_DIRTY_HELP, require_clean_or_exit, result_provenance
-from cnnpress.train.checkpoint import load_model
 from cnnpress.train.loop import evaluate
 
 

@@ -32,9 +32,10 @@ from rich.table import Table
 from torch import nn
 
 import cnnpress
-from cnnpress.methods.slbf import SLBFConv2d
+from cnnpress import kernel
+from cnnpress.methods.slbf import SLBFConv2d, set_path
 from cnnpress.provenance import ALLOW_DIRTY_HELP, require_clean_or_exit, result_provenance
-from cnnpress.runtime import kernel, to_dense
+from cnnpress.runtime import to_dense
 
 #: (channels, image side) of the 3x3 layers of ResNet-20 and VGG-16 on 32x32 inputs.
 LAYERS = [(16, 32), (32, 16), (64, 8), (64, 32), (128, 16), (256, 8), (512, 4), (512, 2)]
@@ -139,7 +140,7 @@ def slbf_model(arch: str, args: argparse.Namespace) -> tuple[nn.Module, nn.Modul
     slbf = cnnpress.compress(
         fp32, "slbf", slice_channels=args.slice_channels, num_filters=16, layers=layers
     ).eval()
-    kernel.set_path(slbf, "kernel")
+    set_path(slbf, "kernel")
     return fp32, slbf
 
 

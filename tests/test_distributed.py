@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cnnpress.cli.commands import _loaders
+from cnnpress.run import loaders
 from cnnpress.cli.main import main
 from cnnpress.errors import ConfigError
 from cnnpress.train.config import TrainConfig
@@ -144,8 +144,8 @@ def test_killed_distributed_run_resumes_to_the_same_bits(recipe, ddp, tmp_path):
 def test_global_batch_must_split_evenly_over_the_processes():
     cfg = {"data": "synthetic", "data_options": {"num_samples": 8}}
     with pytest.raises(ConfigError, match="multiple of the 3 processes"):
-        _loaders(cfg, TrainConfig(batch_size=32), DistContext(rank=0, world_size=3))
-    train, _, _ = _loaders(cfg, TrainConfig(batch_size=4), DistContext(rank=1, world_size=2))
+        loaders(cfg, TrainConfig(batch_size=32), DistContext(rank=0, world_size=3))
+    train, _, _ = loaders(cfg, TrainConfig(batch_size=4), DistContext(rank=1, world_size=2))
     assert train.batch_size == 2 and train.rank == 1 and len(train) == 2
 
 

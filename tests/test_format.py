@@ -15,7 +15,16 @@ from hypothesis import strategies as st
 
 import cnnpress
 from cnnpress.data import get_spec
-from cnnpress.format import FormatError, load, pack_bits, packed_size, read_info, save, unpack_bits
+from cnnpress.format import (
+    FORMAT_VERSION,
+    FormatError,
+    load,
+    pack_bits,
+    packed_size,
+    read_info,
+    save,
+    unpack_bits,
+)
 from cnnpress.format.container import MAGIC, _assemble
 
 
@@ -103,7 +112,9 @@ def test_file_size_equals_the_cost_model(saved):
     net, path = saved
     info = read_info(path)
     assert os.path.getsize(path) == info["file_bytes"]
-    assert info["file_bytes"] == info["header_bytes"] + info["payload_bytes"] + 4
+    checksums = 4 + 2 * len(info["arrays"])  # the file's CRC-32 and a CRC-16 per array
+    assert info["checksum_bytes"] == checksums
+    assert info["file_bytes"] == info["header_bytes"] + info["payload_bytes"] + checksums
     s = cnnpress.summary(net, (1, 28, 28))
     s.attach_file(info)
     arrays_per_row: dict[str, int] = {}
@@ -130,7 +141,7 @@ def test_manifest_carries_dataset_and_provenance(saved):
     assert model.cnnpress_provenance["test_accuracy"] == 91.23
 
 
-def _rewrite(path, tmp_path, edit=None, version=2, payload_edit=None):
+def _rewrite(path, tmp_path, edit=None, version=FORMAT_VERSION, payload_edit=None):
     data = path.read_bytes()
     (length,) = struct.unpack_from("<I", data, 10)
     manifest = json.loads(zlib.decompress(data[14 : 14 + length]))
@@ -173,7 +184,7 @@ def test_bad_files_raise_one_line_format_error(saved, tmp_path, case, needle):
     elif case == "flipped":
         bad.write_bytes(data[:500] + bytes([data[500] ^ 0x10]) + data[501:])
     elif case == "newer":
-        bad = _rewrite(path, tmp_path, version=3)
+        bad = _rewrite(path, tmp_path, version=FORMAT_VERSION + 1)
     elif case == "coded":
         bad = _rewrite(path, tmp_path, edit=lambda m: m["coded"].__setitem__("0", 12))
     elif case == "count":

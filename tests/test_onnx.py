@@ -13,7 +13,7 @@ from torch import nn
 
 import cnnpress
 from cnnpress.errors import CnnpressError
-from cnnpress.methods.slbf import SLBFConv2d, SLBFLinear, _SLBFBase
+from cnnpress.methods.slbf import SLBFConv2d, SLBFLinear, SLBFLayer
 from cnnpress.runtime import export_onnx, to_dense
 from cnnpress.runtime.dense import dense_layer, is_compressed
 
@@ -51,7 +51,7 @@ def slbf_resnet(width: int = 16, shape: tuple[int, ...] = RESNET_SHAPE, seed: in
     model = calibrate_batchnorm(model, shape, seed)  # training mode: projects the latents
     with torch.no_grad():  # then random selections and biases
         for m in model.modules():
-            if isinstance(m, _SLBFBase):
+            if isinstance(m, SLBFLayer):
                 m.selection.random_(0, m.num_filters)
                 if m.bias is not None:
                     m.bias.normal_(std=0.1)
@@ -64,7 +64,7 @@ def lenet() -> nn.Module:
 
 
 def slbf_layers(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, _SLBFBase)]
+    return [m for m in model.modules() if isinstance(m, SLBFLayer)]
 
 
 # -- to_dense -------------------------------------------------------------------------------

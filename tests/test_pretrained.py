@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from cnnpress import pretrained
+from cnnpress.api import load_model
 from cnnpress.cli.main import main
 from cnnpress.errors import CnnpressError
-from cnnpress.train.checkpoint import load_model
 
 
 def test_shipped_resnet20_loads_by_name_with_its_provenance():

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import cnnpress
+from cnnpress.api import load_model
 from cnnpress.data import Loader, load_dataset
 from cnnpress.errors import ConfigError
-from cnnpress.train.checkpoint import CheckpointError, load_model
+from cnnpress.train.checkpoint import CheckpointError
 from cnnpress.train.config import TrainConfig
 from cnnpress.train.loop import fit, lr_at, recalibrate_batchnorm
 
@@ -67,6 +68,8 @@ def test_run_folder_model_and_checkpoint_rebuild_the_trained_model(tmp_path):
     train, test = loaders()
     net = slbf_net()
     fit(net, train, test, TrainConfig(epochs=1, lr=0.05), tmp_path)
+    assert not (tmp_path / "model.cnnp").exists()  # the file is the run's (cnnpress.run) to save
+    cnnpress.save(net, tmp_path / "model.cnnp")
     x = torch.randn(3, 1, 16, 16)
     from_file, meta = load_model(tmp_path)  # the run folder's model.cnnp
     from_ckpt, _ = load_model(tmp_path / "checkpoint.safetensors")

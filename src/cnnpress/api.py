@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-import copy
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from cnnpress.methods import get as get_method
-from cnnpress.methods.base import config_from_dict
+from cnnpress.budget import resolve_budget
+from cnnpress.format import load
+from cnnpress.methods.apply import apply, make_config, rebuild
+from cnnpress.pretrained import model_file
+from cnnpress.train.checkpoint import build_model, load_state, read_meta, read_tensors
 
-__all__ = ["compress", "rebuild"]
+__all__ = ["compress", "load_model", "rebuild"]
 
 
 def compress(model: nn.Module, method: str, **settings: Any) -> nn.Module:
@@ -20,35 +23,39 @@ def compress(model: nn.Module, method: str, **settings: Any) -> nn.Module:
         model: A model (ideally from ``cnnpress.models.create``, so its file can rebuild it).
         method: A name from ``cnnpress.methods.names()``.
         **settings: The method's config fields (for SLBF ``slice_channels``, ``num_filters``,
-            ``scale``, ``include_first``, ``include_linear``, ``layers``).
+            ``scale``, ``include_first``, ``include_linear``, ``layers``, or a size budget
+            ``target_size`` / ``target_ratio`` that ``cnnpress.budget`` turns into those).
 
     Returns:
         The compressed copy, with ``cnnpress_method`` recording the method and its settings.
     """
-    cls = get_method(method)
-    config = config_from_dict(cls.Config, settings)
-    new = copy.deepcopy(model)
-    config = cls().resolve(new, config)
-    new = cls().convert(new, config)
-    new.cnnpress_method = {"name": method, "config": config.to_dict()}
-    return new
+    config = resolve_budget(model, make_config(method, settings))
+    return apply(model, method, config)
 
 
-def rebuild(arch: dict[str, Any], method: dict[str, Any] | None) -> nn.Module:
-    """The model a file or checkpoint records (architecture, method and config), with
-    placeholder values that the caller then loads.
+def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a saved model, in eval mode, with its metadata.
 
-    Initialisation from weights ("auto"/"weights") is skipped: it would cluster random
-    weights that the stored values replace anyway.
+    ``path`` is a ``.cnnp`` file, a run folder (its ``model.cnnp``, else the model in its
+    last checkpoint), a safetensors weights/checkpoint file written by cnnpress, or
+    ``pretrained:NAME`` (a model shipped with the package, ``cnnpress.pretrained``).
     """
-    from cnnpress.models import create
-
-    arch = dict(arch)
-    model = create(arch.pop("name", None), **arch)
-    if method:
-        config = dict(method["config"])
-        if config.get("init") in ("auto", "weights"):
-            config["init"] = "random"
-        model = compress(model, method["name"], **config)
-        model.cnnpress_method = method
-    return model
+    path = model_file(path)
+    if path.suffix == ".cnnp":
+        model = load(path)
+        meta = {
+            "arch": model.cnnpress_arch,
+            "method": getattr(model, "cnnpress_method", None),
+            "dataset": model.cnnpress_dataset,
+            "provenance": model.cnnpress_provenance,
+        }
+        return model, meta
+    meta = read_meta(path)
+    model = build_model(meta)
+    tensors = read_tensors(path)
+    if "epoch" in meta:  # a training checkpoint: the weights carry a "model." prefix
+        tensors = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    load_state(model, tensors, path)
+    model.cnnpress_dataset = meta.get("dataset")
+    model.cnnpress_provenance = meta.get("provenance")
+    return model.eval(), meta

@@ -38,7 +38,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +46,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from cnnpress.cost import inference_numel
 from cnnpress.errors import ConfigError
+from cnnpress.format import save
+from cnnpress.format.layout import nbytes
+from cnnpress.methods.base import select_layers
+from cnnpress.methods.slbf import SLBF
+from cnnpress.methods.slbf_config import check_budget, check_slices, index_bits, parse_size
+from cnnpress.methods.slbf_init import cluster, scaled_error, slices_of
 
 __all__ = [
     "SLICE_CHOICES",
@@ -64,54 +70,14 @@ __all__ = [
 ]
 
 SLICE_CHOICES = (1, 2, 4, 8, 16, 32)
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "kib": 2**10, "mb": 10**6, "mib": 2**20}
-_UNITS |= {"gb": 10**9, "gib": 2**30}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
-
-
-def parse_size(value: Any) -> int:
-    """Bytes from an int or a string such as "12KB" (1000 bytes a KB) or "12KiB" (1024)."""
-    if isinstance(value, bool):
-        value = None
-    if isinstance(value, int) and value > 0:
-        return value
-    match = _SIZE.match(value) if isinstance(value, str) else None
-    if match and match.group(2).lower() in _UNITS:
-        size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
-        if size > 0:
-            return size
-    raise ConfigError(
-        f"target_size must be a positive number of bytes or a size such as '12KB' (1000 bytes) "
-        f"or '12KiB' (1024 bytes), got {value!r}"
-    )
-
-
-def check_budget(config: Any) -> None:
-    """Validate the budget fields of an ``SLBFConfig`` (one line per problem)."""
-    if config.target_size is not None:
-        parse_size(config.target_size)
-    ratio = config.target_ratio
-    if ratio is not None and (
-        isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 0
-    ):
-        raise ConfigError(f"target_ratio must be a positive number, got {ratio!r}")
-    if config.target_size is not None and ratio is not None:
-        raise ConfigError("give target_size or target_ratio, not both")
-    reserve = config.header_reserve
-    if isinstance(reserve, bool) or not isinstance(reserve, int) or reserve < 0:
-        raise ConfigError(f"header_reserve must be a whole number of bytes >= 0, got {reserve!r}")
-    share = config.budget_bank_share
-    if isinstance(share, bool) or not isinstance(share, (int, float)) or not share > 0:
-        raise ConfigError(f"budget_bank_share must be a positive number, got {share!r}")
-    cap = config.budget_max_filters
-    if isinstance(cap, bool) or not isinstance(cap, int) or not 2 <= cap <= 2**16:
-        raise ConfigError(f"budget_max_filters must be an integer from 2 to 65536, got {cap!r}")
+#: The planner clusters each candidate bank from at most this many slices (whole filters drawn
+#: at random; every ResNet-20 layer has fewer, so only wide layers are sampled). Clustering
+#: all 262,144 slices of a 512x512 VGG-16 layer per candidate made planning take minutes.
+PLAN_SLICES = 16384
 
 
 def fp32_bytes(model: nn.Module) -> int:
     """4 bytes per parameter and inference buffer (not ``num_batches_tracked``) of ``model``."""
-    from cnnpress.cost import inference_numel
-
     return 4 * sum(inference_numel(m) for m in model.modules())
 
 
@@ -169,19 +135,17 @@ def candidates(
     max_filters: int,
     name: str = "",
     bank_share: float = 1.0,
+    sample: int | None = PLAN_SLICES,
 ) -> list[Candidate]:
     """The Pareto front (fewer bytes, lower error) of a layer's settings, by bytes.
 
     ``overrides`` are the layer's ``layers`` settings: a ``slice_channels`` or ``num_filters``
-    there is kept as the only choice.
+    there is kept as the only choice. Each bank is clustered from the slices of at most
+    ``sample`` slices' worth of filters (``None``: all); the error is that of every filter.
     """
-    from cnnpress.format.layout import nbytes
-    from cnnpress.methods.slbf import _check, index_bits
-    from cnnpress.methods.slbf_init import cluster, scaled_error, slices_of
-
     n, c, kk = _dims(module)
     if "slice_channels" in overrides or "num_filters" in overrides:
-        _check(c, overrides.get("slice_channels", c), overrides.get("num_filters", 2), name)
+        check_slices(c, overrides.get("slice_channels", c), overrides.get("num_filters", 2), name)
     if "slice_channels" in overrides:
         widths = [overrides["slice_channels"]]
     else:
@@ -198,8 +162,10 @@ def candidates(
             top = max(2, min(max_filters, below_slices, int(bank_share * n)))
             sizes = [2**b for b in range(1, int(math.log2(top)) + 1)]
         x = slices_of(weight, d)
+        fit = _some_filters(x, sample)
         for m in sizes:
-            bank, idx, _ = cluster(x, m)
+            bank = cluster(fit, m)[0]
+            idx = (x.reshape(n * s, -1) @ bank.T).argmax(1)
             error = scaled_error(x.reshape(n, -1), bank[idx].reshape(n, -1))[1]
             size = nbytes("u1", (m, d * kk)) + nbytes(f"u{index_bits(m)}", (n, s))
             found.append(Candidate(d, m, size, error))
@@ -208,6 +174,17 @@ def candidates(
         if not front or cand.error < front[-1].error:
             front.append(cand)
     return front
+
+
+def _some_filters(x: torch.Tensor, sample: int | None) -> torch.Tensor:
+    """``x`` (n, s, D), or the slices of a fixed random subset of its filters holding about
+    ``sample`` slices (the same subset on every call)."""
+    n, s, _ = x.shape
+    if sample is None or n * s <= sample:
+        return x
+    keep = max(1, sample // s)
+    pick = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:keep]
+    return x[pick.sort().values]
 
 
 def _with_layers(config: Any, chosen: dict[str, dict[str, int]]) -> Any:
@@ -225,8 +202,6 @@ def file_size(model: nn.Module, config: Any) -> int:
     Saved with no dataset and no provenance, as the config says (``float_bits``,
     ``fold_batchnorm``, ``entropy``); the global RNG is left as it was.
     """
-    from cnnpress.format import save
-    from cnnpress.methods.slbf import SLBF
 
     if getattr(model, "cnnpress_arch", None) is None:
         raise ConfigError(
@@ -241,101 +216,117 @@ def file_size(model: nn.Module, config: Any) -> int:
         return save(candidate, Path(tmp) / "size.cnnp")
 
 
-def plan(model: nn.Module, config: Any) -> Plan:
+def plan(model: nn.Module, config: Any, sample: int | None = PLAN_SLICES) -> Plan:
     """Choose per-layer ``(d, m)`` for the budget of ``config`` (see the module docstring).
+
+    Args:
+        sample: Slices each candidate bank is clustered from (:func:`candidates`).
 
     Raises:
         ConfigError: No target in ``config``, or even the smallest settings do not fit.
     """
-    from cnnpress.methods.base import select_layers
-
     budget = budget_bytes(model, config)
     if budget is None:
         raise ConfigError("no budget: give target_size or target_ratio")
     fronts = {
         name: candidates(
-            module, overrides, config.budget_max_filters, name, config.budget_bank_share
+            module, overrides, config.budget_max_filters, name, config.budget_bank_share, sample
         )
         for name, module, overrides in select_layers(model, config)
     }
-    choice = dict.fromkeys(fronts, 0)
-
-    def settings() -> dict[str, dict[str, int]]:
-        return {
-            n: {
-                "slice_channels": f[choice[n]].slice_channels,
-                "num_filters": f[choice[n]].num_filters,
-            }
-            for n, f in fronts.items()
-        }
-
-    def exact() -> int:
-        return file_size(model, _with_layers(config, settings())) + config.header_reserve
-
-    minimum = exact()
+    search = _Search(model, config, fronts)
+    minimum = search.exact()
     if minimum > budget:
-        more = "include_linear, include_first"
-        smaller = [
-            flag
-            for flag, off in (
-                ("float_bits=8", config.float_bits != 8),
-                ("fold_batchnorm", not config.fold_batchnorm),
-                ("entropy", not config.entropy),
-            )
-            if off
-        ]
-        hint = f"compress more layers ({more})"
-        if smaller:
-            hint = f"save smaller ({', '.join(smaller)}) or {hint}"
-        raise ConfigError(
-            f"the budget of {budget:,} bytes cannot be met: the smallest settings give a file of "
-            f"{minimum:,} bytes (with header_reserve {config.header_reserve}); raise the target "
-            f"or {hint}"
-        )
-    history: list[tuple[str, int]] = []
-
-    def grow(left: int) -> bool:
-        """Greedy upgrades within ``left`` estimated bytes; whether any was taken."""
-        took = False
-        while True:
-            best: tuple[float, str, int] | None = None
-            for name, front in fronts.items():
-                now = front[choice[name]]
-                for j in range(choice[name] + 1, len(front)):
-                    extra = front[j].bytes - now.bytes
-                    if extra > left:
-                        break
-                    gain = (now.error**2 - front[j].error ** 2) / max(extra, 1)
-                    if best is None or gain > best[0]:
-                        best = (gain, name, j)
-            if best is None:
-                return took
-            _, name, j = best
-            left -= fronts[name][j].bytes - fronts[name][choice[name]].bytes
-            history.append((name, choice[name]))
-            choice[name] = j
-            took = True
-
+        raise _unmet(config, budget, minimum)
     # The estimates count raw index bits; entropy coding and the header make the real file
     # differ, so measure it, undo what overshoots, and spend what the estimate left over.
     size, left = minimum, budget - minimum - 32  # room for the header growing with settings
     for _ in range(4):
-        if not grow(left):
+        if not search.grow(left):
             break
-        size = exact()
-        while size > budget and history:
-            name, previous = history.pop()
-            choice[name] = previous
-            size = exact()
+        size = search.exact()
+        while size > budget and search.history:
+            search.undo()
+            size = search.exact()
         left = budget - size - 32
         if left <= 0:
             break
-    chosen = {n: f[choice[n]] for n, f in fronts.items()}
+    chosen = search.chosen()
     return Plan(budget, size, minimum, chosen, sum(c.error**2 for c in chosen.values()))
 
 
+class _Search:
+    """The greedy search over the layers' fronts: one choice per layer, upgraded by the best
+    error gain per byte, with the history of upgrades to undo."""
+
+    def __init__(self, model: nn.Module, config: Any, fronts: dict[str, list[Candidate]]):
+        self.model, self.config, self.fronts = model, config, fronts
+        self.choice = dict.fromkeys(fronts, 0)
+        self.history: list[tuple[str, int]] = []
+
+    def chosen(self) -> dict[str, Candidate]:
+        return {n: f[self.choice[n]] for n, f in self.fronts.items()}
+
+    def exact(self) -> int:
+        """The file bytes of the current choice, measured (plus ``header_reserve``)."""
+        settings = {
+            n: {"slice_channels": c.slice_channels, "num_filters": c.num_filters}
+            for n, c in self.chosen().items()
+        }
+        config = _with_layers(self.config, settings)
+        return file_size(self.model, config) + self.config.header_reserve
+
+    def _best(self, left: int) -> tuple[float, str, int] | None:
+        best: tuple[float, str, int] | None = None
+        for name, front in self.fronts.items():
+            now = front[self.choice[name]]
+            for j in range(self.choice[name] + 1, len(front)):
+                extra = front[j].bytes - now.bytes
+                if extra > left:
+                    break
+                gain = (now.error**2 - front[j].error ** 2) / max(extra, 1)
+                if best is None or gain > best[0]:
+                    best = (gain, name, j)
+        return best
+
+    def grow(self, left: int) -> bool:
+        """Greedy upgrades within ``left`` estimated bytes; whether any was taken."""
+        took = False
+        while (best := self._best(left)) is not None:
+            _, name, j = best
+            left -= self.fronts[name][j].bytes - self.fronts[name][self.choice[name]].bytes
+            self.history.append((name, self.choice[name]))
+            self.choice[name] = j
+            took = True
+        return took
+
+    def undo(self) -> None:
+        name, previous = self.history.pop()
+        self.choice[name] = previous
+
+
+def _unmet(config: Any, budget: int, minimum: int) -> ConfigError:
+    """The error for a budget below the smallest file, with what would make it smaller."""
+    off = (
+        ("float_bits=8", config.float_bits != 8),
+        ("fold_batchnorm", not config.fold_batchnorm),
+        ("entropy", not config.entropy),
+    )
+    smaller = [flag for flag, is_off in off if is_off]
+    hint = "compress more layers (include_linear, include_first)"
+    if smaller:
+        hint = f"save smaller ({', '.join(smaller)}) or {hint}"
+    return ConfigError(
+        f"the budget of {budget:,} bytes cannot be met: the smallest settings give a file of "
+        f"{minimum:,} bytes (with header_reserve {config.header_reserve}); raise the target "
+        f"or {hint}"
+    )
+
+
 def resolve_budget(model: nn.Module, config: Any) -> Any:
-    """``config`` with a budget turned into per-layer settings; unchanged without one."""
-    if config.target_size is None and config.target_ratio is None:
+    """``config`` with a budget turned into per-layer settings; unchanged without one (and for
+    the methods whose configs have no budget fields)."""
+    targets = (getattr(config, "target_size", None), getattr(config, "target_ratio", None))
+    if targets == (None, None):
         return config
     return _with_layers(config, plan(model, config).overrides())

@@ -20,8 +20,12 @@ from typing import Any
 import torch
 import yaml
 
+from cnnpress.cost import summary
+from cnnpress.data import DatasetSpec, Loader, load_dataset
 from cnnpress.errors import ConfigError
+from cnnpress.format import load, read_info
 from cnnpress.pretrained import resolve
+from cnnpress.train.loop import evaluate
 
 __all__ = [
     "load_recipe",
@@ -265,11 +269,6 @@ def measure_runs(
     done: list[tuple[str, dict[str, Any], dict[str, Any]]], repeats: int = 15
 ) -> list[dict[str, Any]]:
     """Accuracy, sizes and MACs of each run's ``.cnnp`` file, and side-by-side latency."""
-    from cnnpress import load, summary
-    from cnnpress.data import DatasetSpec, Loader, load_dataset
-    from cnnpress.format import read_info
-    from cnnpress.train.loop import evaluate
-
     records, models, shape = [], {}, None
     tests: dict[str, Any] = {}
     for name, cfg, result in done:

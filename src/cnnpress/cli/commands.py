@@ -1,4 +1,5 @@
-"""The training subcommands (``train``, ``compress``); ``main`` handles parsing and errors.
+"""The training subcommands (``train``, ``compress``): their flags and recipe resolved into a
+run's settings, which :mod:`cnnpress.run` trains; ``main`` handles parsing and errors.
 
 The commands that read a model file are in :mod:`cnnpress.cli.files`, ``compare`` in
 :mod:`cnnpress.cli.compare`.
@@ -9,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,28 +18,19 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from cnnpress import models
-from cnnpress.api import compress
-from cnnpress.cost import summary
-from cnnpress.data import DatasetSpec, Loader, load_dataset
 from cnnpress.errors import CnnpressError, ConfigError
-from cnnpress.format import read_info
-from cnnpress.methods import get as get_method
-from cnnpress.provenance import provenance
-from cnnpress.train.atomic import atomic_write_text
-from cnnpress.train.checkpoint import check_checkpoint, load_model
+from cnnpress.run import read_run, train_run
 from cnnpress.train.config import TrainConfig
 from cnnpress.train.distributed import (
     DistContext,
     broadcast_bytes,
     init_distributed,
-    run_on_main,
     shutdown,
 )
-from cnnpress.train.loop import PLAIN, evaluate, fit
+from cnnpress.train.loop import PLAIN
 from cnnpress.typecheck import check_value
 
-__all__ = ["cmd_compress", "cmd_train", "resolve_config", "train_config"]
+__all__ = ["cmd_compress", "cmd_train", "resolve_config", "resume_config", "train_config"]
 
 _TRAIN_FLAGS = (
     "epochs",
@@ -213,25 +204,6 @@ def _set_threads(threads: int | None) -> None:
     torch.set_num_threads(threads or max(1, per_process))
 
 
-def _loaders(
-    cfg: dict[str, Any], train: TrainConfig, ctx: DistContext
-) -> tuple[Loader, Loader, DatasetSpec]:
-    if train.batch_size % ctx.world_size:
-        raise ConfigError(
-            f"--batch-size {train.batch_size} must be a multiple of the {ctx.world_size} "
-            f"processes (each takes batch-size / {ctx.world_size} samples of every step)"
-        )
-    options = dict(cfg.get("data_options") or {})
-    train_set = load_dataset(cfg["data"], "train", cfg.get("data_dir"), **options)
-    test_set = load_dataset(cfg["data"], "test", cfg.get("data_dir"), **options)
-    per_rank = train.batch_size // ctx.world_size
-    return (
-        Loader(train_set, per_rank, True, train.seed, rank=ctx.rank, world_size=ctx.world_size),
-        Loader(test_set, 256, train=False),
-        train_set.spec,
-    )
-
-
 #: Flags that may change when a run is resumed (the new values go into its config.yaml).
 _RESUME_OVERRIDES = ("epochs", "lr", "weight_decay", "bn_recalibrate")
 #: Flags that cannot: (flag, where its value lives in config.yaml).
@@ -252,29 +224,7 @@ _RESUME_FIXED = (
 )
 
 
-def _read_run(out: Path) -> bytes:
-    """Rank 0: the run's config.yaml (checked) and whether it has a checkpoint, as JSON."""
-    if not out.is_dir():
-        raise CnnpressError(f"cannot resume: {out} does not exist; start the run without --resume")
-    path = out / "config.yaml"
-    if not path.is_file():
-        raise CnnpressError(
-            f"cannot resume: {out} holds no cnnpress run (no config.yaml); "
-            "start a new run there without --resume"
-        )
-    try:
-        cfg = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise CnnpressError(f"cannot resume: {path} is corrupt ({first})") from None
-    missing = [k for k in ("model", "data", "train") if not isinstance(cfg, dict) or k not in cfg]
-    if missing:
-        raise CnnpressError(f"cannot resume: {path} lacks {', '.join(missing)}; is it a run?")
-    has_ckpt = (out / "checkpoint.safetensors").is_file()
-    return json.dumps({"config": cfg, "checkpoint": has_ckpt}).encode()
-
-
-def _resume_config(
+def resume_config(
     args: argparse.Namespace, ctx: DistContext, err: Console
 ) -> tuple[dict[str, Any], bool, bool]:
     """The settings of the run in ``--out`` with the flags that may change applied, whether
@@ -287,7 +237,10 @@ def _resume_config(
             f"{Path(args.out) / 'config.yaml'}"
         )
     out = Path(args.out)
-    state = json.loads(broadcast_bytes(lambda: _read_run(out), ctx, f"reading {out}"))
+    def read() -> bytes:  # rank 0 reads, every rank gets it
+        return json.dumps(read_run(out)).encode()
+
+    state = json.loads(broadcast_bytes(read, ctx, f"reading {out}"))
     cfg = state["config"]
     for flag, where in _RESUME_FIXED:
         given = getattr(args, flag, None)
@@ -324,45 +277,6 @@ def _resume_config(
     return cfg, state["checkpoint"], bool(changed)
 
 
-def _new_run(run_dir: Path, cfg: dict[str, Any]) -> None:
-    """Rank 0: refuse to overwrite a run, then write its config.yaml."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise CnnpressError(f"--out {run_dir} is a file; choose a folder")
-    if (run_dir / "checkpoint.safetensors").exists():
-        raise CnnpressError(
-            f"{run_dir} already holds a run; continue it with --resume or choose another --out"
-        )
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
-
-
-def _save_changed(run_dir: Path, cfg: dict[str, Any], model: Any, has_ckpt: bool) -> None:
-    """Rank 0, on --resume with new settings: check the checkpoint fits, then save them."""
-    if has_ckpt:
-        check_checkpoint(run_dir / "checkpoint.safetensors", model)
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
-
-
-def _check_init(init: str, model: torch.nn.Module) -> torch.nn.Module:
-    trained, meta = load_model(init)
-    want = models.arch_of(model)
-    if meta["arch"] != want:
-
-        def show(arch: dict[str, Any]) -> str:
-            rest = ", ".join(f"{k}={v}" for k, v in arch.items() if k != "name")
-            return f"{arch.get('name')}({rest})"
-
-        raise CnnpressError(
-            f"--init {init} holds a {show(meta['arch'])}, but this run builds a {show(want)}; "
-            "pass the --model, model_args and --data it was trained with, or another --init"
-        )
-    if meta.get("method"):
-        raise CnnpressError(
-            f"--init {init} is already compressed with {meta['method']['name']}; --init takes "
-            "a full-precision model (a `cnnpress train` run); continue a run with --resume"
-        )
-    return trained.train()
-
-
 def _run(args: argparse.Namespace, console: Console, err: Console, with_method: bool) -> dict:
     _set_threads(args.threads)
     ctx = init_distributed()
@@ -383,7 +297,7 @@ def _train_run(
 ) -> dict | None:
     resume = changed = False
     if args.resume:
-        cfg, resume, changed = _resume_config(args, ctx, err)
+        cfg, resume, changed = resume_config(args, ctx, err)
     else:
         cfg = resolve_config(args, with_method)
     return train_config(
@@ -402,123 +316,10 @@ def train_config(
     changed: bool = False,
     quiet: bool = False,
 ) -> dict | None:
-    """Train one run from its full settings (``resolve_config``'s result); its result record.
-
-    Args:
-        new: A new run (its folder must not hold one); else a ``--resume``.
-        resume: Continue from the folder's checkpoint.
-        changed: The settings differ from the folder's config.yaml (save them).
-        quiet: Do not print the result table.
-    """
-    train_cfg = TrainConfig.from_dict(cfg["train"])
-    train_loader, test_loader, spec = _loaders(cfg, train_cfg, ctx)
-    torch.manual_seed(train_cfg.seed)
-    model = models.create(
-        cfg["model"],
-        in_channels=spec.in_channels,
-        num_classes=spec.num_classes,
-        **(cfg.get("model_args") or {}),
-    )
-    before = None
-    if cfg.get("init") and not resume:  # a checkpoint replaces the weights anyway
-        model = _check_init(cfg["init"], model)
-        if ctx.is_main:  # the "before" of the before/after table, measured here
-            before = _measure_file_model(model, cfg["init"], test_loader, spec)
-    budget = None
-    if cfg.get("method"):
-        given = cfg["method_config"]
-        model = compress(model, cfg["method"], **given)
-        if given.get("target_size") is not None or given.get("target_ratio") is not None:
-            # The budget chose per-layer settings: keep them, so that --resume (and anyone
-            # reading config.yaml) rebuilds the same shapes without planning again.
-            budget = {k: given.get(k) for k in ("target_size", "target_ratio")}
-            cfg["method_config"] = model.cnnpress_method["config"]
-    run_dir = Path(cfg["out"])
-    if new:
-        run_on_main(lambda: _new_run(run_dir, cfg), ctx, f"creating {run_dir}")
-    elif changed:  # keep the new settings, once the checkpoint is known to fit
-        run_on_main(lambda: _save_changed(run_dir, cfg, model, resume), ctx, "saving config")
-    prov = provenance()
-    meta = {"dataset": spec.to_dict(), "provenance": prov}
-    loss_fn = None
-    if cfg.get("distill"):
-        from cnnpress.methods.distill import make_kd_loss
-
-        kd = cfg["distill"]
-        teacher, _ = load_model(kd["teacher"])
-        loss_fn = make_kd_loss(teacher.to(ctx.device), kd["temperature"], kd["alpha"])
-    method = get_method(cfg["method"])() if cfg.get("method") else None
-    start = time.perf_counter()
-    result = fit(
-        model,
-        train_loader,
-        test_loader,
-        train_cfg,
-        run_dir,
-        resume=resume,
-        console=err,
-        extra_meta=meta,
-        loss_fn=loss_fn,
-        method=method,
-        dist=ctx,
-        eval_at_start=bool(cfg.get("init")),
-    )
-    if not ctx.is_main:
-        return None
-    cost = summary(model, (spec.in_channels, *spec.image_size))
-    cost.attach_file(read_info(run_dir / "model.cnnp"))
-    totals = cost.totals
-    record = {
-        **prov,
-        "model": cfg["model"],
-        "data": cfg["data"],
-        "method": cfg.get("method", "fp32"),
-        "method_config": cfg.get("method_config"),
-        "init": cfg.get("init"),
-        "distill": cfg.get("distill"),
-        "train": cfg["train"],
-        "world_size": ctx.world_size,
-        "budget": budget,
-        "test_accuracy": result["test_accuracy"],
-        "init_test_accuracy": next(
-            (h.get("test_accuracy") for h in result["history"] if h["epoch"] == -1), None
-        ),
-        "epochs": result["epochs"],
-        "train_seconds": result["train_seconds"],
-        "wall_seconds_this_process": time.perf_counter() - start,
-        "file_bytes": cost.file["file_bytes"],
-        "ratio": cost.file["ratio"],
-        "before": before,
-        "ratio_payload": totals["ratio"],
-        "compressed_layers_ratio": totals["compressed_ratio"],
-        "stored_bits": totals["stored_bits"],
-        "fp32_bits": totals["fp32_bits"],
-    }
-    from cnnpress.methods.slbf import describe
-
-    if cfg.get("method") == "slbf":
-        record["bank_usage"] = describe(model)
-    atomic_write_text(run_dir / "result.json", json.dumps(record, indent=2) + "\n")
-    if not quiet:
+    """``cnnpress.run.train_run``, then the result table unless ``quiet``."""
+    record = train_run(cfg, err, ctx, new=new, resume=resume, changed=changed)
+    if record is not None and not quiet:
         _print_result(console, record)
-    return record
-
-
-def _measure_file_model(
-    model: torch.nn.Module, where: str, test_loader: Loader, spec: DatasetSpec
-) -> dict[str, Any]:
-    """Test accuracy, file bytes and ratio of the trained model a run starts from."""
-    from cnnpress.pretrained import resolve
-
-    path = resolve(where)
-    path = path / "model.cnnp" if path.is_dir() else path
-    record: dict[str, Any] = {"model": str(where)}
-    record["test_accuracy"] = evaluate(model, test_loader)["accuracy"]
-    if path.suffix == ".cnnp" and path.is_file():
-        cost = summary(model, (spec.in_channels, *spec.image_size))
-        cost.attach_file(read_info(path))
-        record.update(file_bytes=cost.file["file_bytes"], ratio=cost.file["ratio"])
-    model.train()
     return record
 
 

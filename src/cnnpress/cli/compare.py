@@ -9,7 +9,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from cnnpress.cli.commands import _resume_config, _set_threads, train_config
+from cnnpress.cli.commands import _set_threads, resume_config, train_config
+from cnnpress.compare import load_recipe, measure_runs, run_comparison, write_report
 from cnnpress.provenance import require_clean, result_provenance
 from cnnpress.train.config import TrainConfig
 from cnnpress.train.distributed import DistContext
@@ -20,8 +21,6 @@ __all__ = ["cmd_compare"]
 
 def cmd_compare(args: argparse.Namespace, console: Console, err: Console) -> dict:
     """``cnnpress compare``: train the recipe's missing runs, then measure and report all."""
-    from cnnpress.compare import load_recipe, measure_runs, run_comparison, write_report
-
     _set_threads(args.threads)
     if not args.train_only:  # a report will be written: refuse a dirty tree before any work
         load_recipe(args.recipe)  # (a broken recipe is the first thing to say)
@@ -35,7 +34,7 @@ def cmd_compare(args: argparse.Namespace, console: Console, err: Console) -> dic
         err.print(f"[bold]{out.name}[/bold]: training in {out}")
         if (out / "config.yaml").is_file():  # started before: resume it
             ns = argparse.Namespace(out=str(out), recipe=None, data_dir=cfg.get("data_dir"))
-            cfg, resume, changed = _resume_config(ns, ctx, err)
+            cfg, resume, changed = resume_config(ns, ctx, err)
             record = train_config(
                 cfg, console, err, ctx, new=False, resume=resume, changed=changed, quiet=True
             )

@@ -12,11 +12,14 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from cnnpress.api import load_model
 from cnnpress.cli.commands import _set_threads
+from cnnpress.cli.predict import read_inputs
 from cnnpress.cost import summary
 from cnnpress.data import DatasetSpec, Loader, get_spec, load_dataset
 from cnnpress.errors import CnnpressError
-from cnnpress.train.checkpoint import load_model
+from cnnpress.format import read_info
+from cnnpress.runtime.onnx import export_onnx
 from cnnpress.train.fits import check_fits
 from cnnpress.train.loop import evaluate
 
@@ -49,8 +52,6 @@ def _dataset_of(meta: dict[str, Any], path: str) -> DatasetSpec:
 
 def cmd_summary(args: argparse.Namespace, console: Console, err: Console) -> dict:
     """``cnnpress summary``: the per-layer cost table, with the real file's bytes."""
-    from cnnpress.format import read_info
-
     model, meta = load_model(args.model_file)
     if args.input_shape:
         try:
@@ -79,8 +80,6 @@ def cmd_summary(args: argparse.Namespace, console: Console, err: Console) -> dic
 
 def cmd_predict(args: argparse.Namespace, console: Console, err: Console) -> dict:
     """``cnnpress predict``: classes of the images in files or folders, from the model file."""
-    from cnnpress.cli.predict import read_inputs
-
     model, meta = load_model(args.model_file)
     spec = _dataset_of(meta, args.model_file)
     x, sources = read_inputs(args.input, spec)
@@ -118,8 +117,6 @@ def cmd_predict(args: argparse.Namespace, console: Console, err: Console) -> dic
 
 def cmd_export(args: argparse.Namespace, console: Console, err: Console) -> dict:
     """``cnnpress export``: an ONNX graph of a model file."""
-    from cnnpress.runtime.onnx import export_onnx
-
     model, meta = load_model(args.model_file)
     spec = _dataset_of(meta, args.model_file)
     out = export_onnx(model, args.onnx, (spec.in_channels, *spec.image_size), mode=args.mode)

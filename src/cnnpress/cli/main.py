@@ -7,10 +7,11 @@ import errno
 import json
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from rich.console import Console
 
+from cnnpress.cli import commands, compare, files
 from cnnpress.errors import CnnpressError
 from cnnpress.provenance import ALLOW_DIRTY_HELP
 from cnnpress.train.distributed import note_rank
@@ -52,27 +53,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"cnnpress: error: {message}; see `{self.prog} --help`\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every subcommand."""
-    parser = _Parser(
-        prog="cnnpress", description="Compress convolutional networks (SLBF and classic methods)."
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("compare", help="every method of a recipe: train, measure, report")
-    p.add_argument("recipe", help="comparison recipe (YAML), e.g. recipes/compare-fmnist.yaml")
-    p.add_argument("--runs", help="train only these runs (comma-separated names)")
-    p.add_argument("--train-only", action="store_true", help="train, do not measure or report")
-    p.add_argument("--report", help="folder for results.json/.md/.png (default: the recipe's out)")
-    p.add_argument("--allow-dirty", action="store_true", help=ALLOW_DIRTY_HELP)
-    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
-    p.add_argument("--json", action="store_true")
-
-    p = sub.add_parser("train", help="train a full-precision model")
-    _train_options(p)
-
-    p = sub.add_parser("compress", help="compress a model with a method and train it")
-    _train_options(p)
+def _compress_options(p: argparse.ArgumentParser) -> None:
+    """The options ``compress`` has beyond ``train``'s: the method, its settings, storage, KD."""
     p.add_argument("--method", help="compression method (see `cnnpress.methods.names()`)")
     p.add_argument("--slice-channels", type=int, help="SLBF slice width d")
     p.add_argument("--num-filters", type=int, help="SLBF bank size m")
@@ -104,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kd-alpha", type=float, help="weight of the soft-target loss (0.9)")
     p.add_argument("--no-kd", action="store_true", help="SLBF with --init: no distillation from it")
 
+
+def _file_commands(sub: Any) -> None:
+    """The subcommands that read a model file: evaluate, summary, predict, export."""
     p = sub.add_parser("evaluate", help="test accuracy of a trained model")
     p.add_argument("model_file", help="model.cnnp file or run folder")
     p.add_argument("--data", help="dataset (default: the one it was trained on)")
@@ -137,6 +122,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="SLBF as a dense conv (default) or as grouped conv + gather + sum",
     )
     p.add_argument("--json", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = _Parser(
+        prog="cnnpress", description="Compress convolutional networks (SLBF and classic methods)."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("compare", help="every method of a recipe: train, measure, report")
+    p.add_argument("recipe", help="comparison recipe (YAML), e.g. recipes/compare-fmnist.yaml")
+    p.add_argument("--runs", help="train only these runs (comma-separated names)")
+    p.add_argument("--train-only", action="store_true", help="train, do not measure or report")
+    p.add_argument("--report", help="folder for results.json/.md/.png (default: the recipe's out)")
+    p.add_argument("--allow-dirty", action="store_true", help=ALLOW_DIRTY_HELP)
+    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("train", help="train a full-precision model")
+    _train_options(p)
+
+    p = sub.add_parser("compress", help="compress a model with a method and train it")
+    _train_options(p)
+    _compress_options(p)
+
+    _file_commands(sub)
     return parser
 
 
@@ -178,8 +189,6 @@ def main(argv: list[str] | None = None) -> int:
     (full disk, permissions, read-only file system, missing path); anything else is a bug
     and keeps its traceback.
     """
-    from cnnpress.cli import commands, compare, files
-
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error already printed as one line

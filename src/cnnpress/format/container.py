@@ -3,17 +3,21 @@
 Layout (all integers little-endian)::
 
     magic      8 bytes   b"\\x89CNNP\\r\\n\\x1a"
-    version    u16       format version (this code writes and reads 1)
+    version    u16       format version (this code writes 3 and reads 1 to 3)
     length     u32       bytes of the manifest
     manifest   zlib-compressed UTF-8 JSON: architecture (registry name and arguments), method
                and config, float width, dataset spec (normalisation, class names),
-               provenance (command, commit, accuracy) and the [encoding, shape] of every array
+               provenance (command, commit, accuracy), the array count and the sizes of
+               the entropy-coded arrays
     payload    the arrays in layout order (``format.layout``), each padded to a whole byte
+    crc16      u16 per array (format 3): CRC-16/CCITT of each array's bytes, in payload order
     checksum   u32       CRC-32 of everything before it
 
-The loader checks magic, version and checksum, rebuilds the model from the registry, derives
-the array layout from it and refuses a manifest that disagrees with it. Every problem raises
-:class:`FormatError` with one line; nothing else escapes.
+The loader checks magic, version and checksum, then the manifest's values and what the payload
+can hold (``format.validate``) before it builds anything, rebuilds the model from the registry,
+derives the array layout from it, refuses a manifest that disagrees with it and checks each
+array against its CRC-16. Every problem raises :class:`FormatError` with one line; nothing else
+escapes. Format 1 listed every array's encoding and shape; format 2 has no per-array CRCs.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cnnpress.atomic import atomic_write_bytes
 from cnnpress.errors import CnnpressError
 from cnnpress.floats import FLOAT_BITS, check_float_bits
 from cnnpress.format.layout import (
@@ -40,14 +45,23 @@ from cnnpress.format.layout import (
     load_folded_batchnorm,
     nbytes,
 )
+from cnnpress.format.validate import (
+    array_checksums,
+    check_array_checksums,
+    check_manifest,
+    inflate,
+    split_checksums,
+)
+from cnnpress.methods import get as get_method
 from cnnpress.methods import method_for
+from cnnpress.methods.apply import rebuild
+from cnnpress.models import arch_of
 from cnnpress.pretrained import resolve
-from cnnpress.train.atomic import atomic_write_bytes
 
 __all__ = ["FORMAT_VERSION", "MAGIC", "FormatError", "FileInfo", "load", "read_info", "save"]
 
 MAGIC = b"\x89CNNP\r\n\x1a"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 _HEAD = struct.Struct("<8sHI")
 
 
@@ -96,8 +110,6 @@ def save(
         dataset: Dataset spec (``DatasetSpec.to_dict()``); default ``model.cnnpress_dataset``.
         provenance: Command, commit, accuracy...; default ``model.cnnpress_provenance``.
     """
-    from cnnpress.models import arch_of
-
     recorded = getattr(model, "cnnpress_method", None)
     wanted = (recorded or {}).get("config") or {}
     if float_bits is None:
@@ -110,8 +122,6 @@ def save(
     if entropy is None:
         entropy = bool(wanted.get("entropy", False))
     if recorded:
-        from cnnpress.methods import get as get_method
-
         get_method(recorded["name"])().sync(model)
     entries = layout(model, float_bits, with_values=True, fold_batchnorm=fold_batchnorm)
     if entropy:
@@ -131,7 +141,8 @@ def save(
         "count": len(entries),
         "coded": {str(i): e.size for i, e in enumerate(entries) if e.size is not None},
     }
-    data = _assemble(manifest, b"".join(encode(e) for e in entries))
+    blobs = [encode(e) for e in entries]
+    data = _assemble(manifest, b"".join(blobs) + array_checksums(blobs))
     atomic_write_bytes(path, data)
     return len(data)
 
@@ -168,17 +179,20 @@ def _parse(path: Path) -> tuple[dict[str, Any], bytes, int]:
     if end > len(data) - 4:
         raise _fail(path, "manifest length points past the end of the file")
     try:
-        manifest = json.loads(zlib.decompress(data[_HEAD.size : end]))
+        manifest = json.loads(inflate(data[_HEAD.size : end]))
     except (zlib.error, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise _fail(path, f"unreadable manifest ({err})") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("arch"), dict):
         raise _fail(path, "manifest has no architecture")
-    return manifest, data[end:-4], end
+    try:
+        payload = split_checksums(manifest, data[end:-4], version)
+        check_manifest(manifest, len(payload), version)
+    except CnnpressError as err:
+        raise _fail(path, str(err)) from None
+    return manifest, payload, end
 
 
 def _build(path: Path, manifest: dict[str, Any]) -> nn.Module:
-    from cnnpress.api import rebuild
-
     try:
         model = rebuild(manifest["arch"], manifest.get("method"))
     except CnnpressError as err:
@@ -267,6 +281,10 @@ def load(path: str | Path) -> nn.Module:
     fold = bool(manifest.get("fold_batchnorm", False))
     expected = layout(model, float_bits, fold_batchnorm=fold)
     stored = _check_layout(path, manifest, expected, payload)
+    try:
+        check_array_checksums(manifest, [(e.key, e.nbytes) for e in stored], payload)
+    except CnnpressError as err:
+        raise _fail(path, str(err)) from None
     by_module: dict[str, dict[str, Any]] = {}
     offset = 0
     try:
@@ -305,12 +323,16 @@ def read_info(path: str | Path) -> FileInfo:
     fold = bool(manifest.get("fold_batchnorm", False))
     expected = layout(model, manifest.get("float_bits", 32), fold_batchnorm=fold)
     stored = _check_layout(path, manifest, expected, payload)
+    try:
+        check_array_checksums(manifest, [(e.key, e.nbytes) for e in stored], payload)
+    except CnnpressError as err:
+        raise _fail(path, str(err)) from None
     return FileInfo(
         manifest=manifest,
         header_bytes=header,
-        checksum_bytes=4,
+        checksum_bytes=(checks := 4 + len(manifest.get("crc16", "")) // 2),
         payload_bytes=len(payload),
-        file_bytes=header + len(payload) + 4,
+        file_bytes=header + len(payload) + checks,
         arrays=[
             {
                 "key": e.key,

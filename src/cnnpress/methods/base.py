@@ -35,6 +35,7 @@ __all__ = [
     "following_batchnorm",
     "replace_module",
     "select_layers",
+    "slimming_penalty",
     "to_numpy",
 ]
 
@@ -335,3 +336,13 @@ class Method:
     def regulariser(self, model: nn.Module) -> Any | None:
         """A term added to the training loss each step (a scalar tensor), or ``None``."""
         return None
+
+
+def slimming_penalty(model: nn.Module, weight: float) -> torch.Tensor | None:
+    """``weight * sum |gamma|`` over every affine BatchNorm of ``model`` (``None`` if none)."""
+    gammas = [
+        m.weight.abs().sum()
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None
+    ]
+    return weight * torch.stack(gammas).sum() if gammas else None

@@ -21,7 +21,14 @@ from torch.overrides import TorchFunctionMode
 
 from cnnpress.errors import ConfigError
 from cnnpress.geometry import Represents
-from cnnpress.methods.base import METHODS, Method, MethodConfig, replace_module, select_layers
+from cnnpress.methods.base import (
+    METHODS,
+    Method,
+    MethodConfig,
+    replace_module,
+    select_layers,
+    slimming_penalty,
+)
 from cnnpress.methods.prune import SCOPES
 from cnnpress.methods.sparse import is_fraction, layer_settings
 
@@ -447,13 +454,3 @@ class FilterPrune(Method):
         if info.get("name") != self.name or not weight:
             return None
         return slimming_penalty(model, weight)
-
-
-def slimming_penalty(model: nn.Module, weight: float) -> torch.Tensor | None:
-    """``weight * sum |gamma|`` over every affine BatchNorm of ``model`` (``None`` if none)."""
-    gammas = [
-        m.weight.abs().sum()
-        for m in model.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None
-    ]
-    return weight * torch.stack(gammas).sum() if gammas else None

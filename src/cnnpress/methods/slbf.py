@@ -43,22 +43,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cnnpress import kernel
 from cnnpress.errors import ConfigError
 from cnnpress.floats import float_encoding, stored_float_bits
 from cnnpress.geometry import numeric_padding, out_hw
+from cnnpress.methods import slbf_init
 from cnnpress.methods.base import (
     METHODS,
     PLAIN_CONV,
     LayerCost,
     Method,
-    MethodConfig,
     config_from_dict,
     following_batchnorm,
     replace_module,
@@ -66,47 +66,28 @@ from cnnpress.methods.base import (
     to_numpy,
 )
 from cnnpress.methods.binary_kmeans import lloyd_step, unit_slices
+from cnnpress.methods.slbf_config import SLBFConfig, check_slices, index_bits
 from cnnpress.quantizers import binary_sign
 
 __all__ = [
     "SLBF",
     "SLBFConfig",
     "SLBFConv2d",
+    "SLBFLayer",
     "SLBFLinear",
+    "describe",
     "index_bits",
     "learning_stats",
+    "set_path",
     "snapshot",
 ]
 
-MAX_FILTERS = 2**16
 PATHS = ("auto", "dense", "stm", "kernel")
 INIT_ROUNDS = 3
 _TINY = 1e-12
 
 
-def index_bits(num_filters: int) -> int:
-    """Bits of one selection index into a bank of ``num_filters`` filters: ceil(log2 m)."""
-    return max(1, math.ceil(math.log2(num_filters)))
-
-
-def _check(in_channels: int, slice_channels: int, num_filters: int, where: str = "") -> None:
-    at = f"layer {where}: " if where else ""
-    if not isinstance(slice_channels, int) or slice_channels < 1:
-        raise ConfigError(f"{at}slice_channels must be a positive integer, got {slice_channels!r}")
-    if in_channels % slice_channels:
-        divisors = [v for v in range(1, in_channels + 1) if in_channels % v == 0]
-        raise ConfigError(
-            f"{at}slice_channels {slice_channels} does not divide the {in_channels} input "
-            f"channels; choose one of {divisors} "
-            f"(per layer: layers: {{NAME: {{slice_channels: D}}}})"
-        )
-    if not isinstance(num_filters, int) or not 2 <= num_filters <= MAX_FILTERS:
-        raise ConfigError(
-            f"{at}num_filters must be an integer from 2 to {MAX_FILTERS}, got {num_filters!r}"
-        )
-
-
-class _SLBFBase(nn.Module):
+class SLBFLayer(nn.Module):
     """Latent filters, the binary bank and selections they project to, optional scale, bias.
 
     Shared by the conv and linear layers; see the module docstring for the estimator.
@@ -123,7 +104,7 @@ class _SLBFBase(nn.Module):
         bias: bool,
     ) -> None:
         super().__init__()
-        _check(in_channels, slice_channels, num_filters)
+        check_slices(in_channels, slice_channels, num_filters)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size = kernel_size
         self.slice_channels, self.num_filters = slice_channels, num_filters
@@ -246,7 +227,7 @@ class _SLBFBase(nn.Module):
         )
 
 
-class SLBFConv2d(_SLBFBase):
+class SLBFConv2d(SLBFLayer):
     """A Conv2d whose filters are stacks of binary filters from one shared bank.
 
     Args:
@@ -329,12 +310,8 @@ class SLBFConv2d(_SLBFBase):
         if self.training:
             self.project()
             return self.forward_dense(x)
-        # -- fast inference (cnnpress.runtime.kernel): eval mode, path "auto" or "kernel" --
-        if self.path in ("auto", "kernel"):
-            from cnnpress.runtime import kernel
-
+        if self.path in ("auto", "kernel"):  # fast inference (cnnpress.kernel) in eval mode
             return kernel.forward(self, x)
-        # -- end of fast inference --
         if self.path == "stm":
             return self.forward_stm(x)
         return self.forward_dense(x)
@@ -343,7 +320,7 @@ class SLBFConv2d(_SLBFBase):
         return super().extra_repr() + f", stride={self.stride}, padding={self.padding}"
 
 
-class SLBFLinear(_SLBFBase):
+class SLBFLinear(SLBFLayer):
     """SLBF for a Linear layer: a 1x1 conv over ``in_features`` channels (k = 1)."""
 
     def __init__(
@@ -380,62 +357,6 @@ class SLBFLinear(_SLBFBase):
         return F.linear(x, w, self.bias)
 
 
-@dataclass(frozen=True)
-class SLBFConfig(MethodConfig):
-    """SLBF settings (per layer overridable through ``layers``).
-
-    Attributes:
-        slice_channels: Slice width ``d`` (must divide each compressed layer's input channels).
-        num_filters: Bank size ``m`` per layer (2 to 2**16).
-        scale: Per-filter scales: ``None`` means on exactly where no BatchNorm follows.
-        revive_unused: Re-seed a bank filter nobody selects from the worst-fitting slice at
-            each training step (off only for the ablation).
-        latent_gain: Divide the latent filters' straight-through gradient by each filter's
-            mean ``|w_i|`` (off only for the ablation: the plain straight-through gradient).
-        init: "random" (fresh bank and selections), "weights" (cluster the replaced layer's
-            weights, ``cnnpress.methods.slbf_init``) or "auto" (= "weights": it is cheap).
-        target_size: A file size budget: bytes (int) or a string such as "12KB" (KB = 1000
-            bytes, KiB = 1024; ``cnnpress.budget``). Per-layer ``slice_channels`` and
-            ``num_filters`` are then chosen to fit and written into ``layers``.
-        target_ratio: A budget as fp32 parameter bytes over file bytes (instead of a size).
-        float_bits, fold_batchnorm, entropy: How the file is saved (``MethodConfig``); the
-            size budget sizes exactly that file.
-        header_reserve: Bytes the budget keeps for the dataset spec and provenance that
-            ``save`` adds to the header (a typical pair takes about 470).
-        budget_max_filters: Largest bank size the budget tries (powers of two from 2).
-        budget_bank_share: Largest bank the budget gives a layer of n filters, as a share of
-            n (default 0.5: every budgeted layer does at most half the dense layer's work).
-    """
-
-    slice_channels: int = 8
-    num_filters: int = 16
-    scale: bool | None = None
-    revive_unused: bool = True
-    latent_gain: bool = True
-    init: str = "auto"
-    target_size: int | str | None = None
-    target_ratio: float | None = None
-    header_reserve: int = 1000
-    budget_max_filters: int = 256
-    budget_bank_share: float = 0.5
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not isinstance(self.slice_channels, int) or self.slice_channels < 1:
-            raise ConfigError(
-                f"slice_channels must be a positive integer, got {self.slice_channels!r}"
-            )
-        if not isinstance(self.num_filters, int) or not 2 <= self.num_filters <= MAX_FILTERS:
-            raise ConfigError(
-                f"num_filters must be an integer from 2 to {MAX_FILTERS}, got {self.num_filters!r}"
-            )
-        from cnnpress.budget import check_budget
-        from cnnpress.methods.slbf_init import check_init
-
-        check_init(self.init)
-        check_budget(self)
-
-
 @METHODS.register("slbf")
 class SLBF(Method):
     """SLBF (Lan & Lan, AAAI 2021): every filter a stack of binary filters from a shared bank."""
@@ -445,15 +366,7 @@ class SLBF(Method):
     layer_types = (SLBFConv2d, SLBFLinear)
     represents = PLAIN_CONV  # groups 1, zero padding
 
-    def resolve(self, model: nn.Module, config: SLBFConfig) -> SLBFConfig:
-        """With a size budget: per-layer settings chosen to fit it (``cnnpress.budget``)."""
-        from cnnpress.budget import resolve_budget
-
-        return resolve_budget(model, config)
-
     def convert(self, model: nn.Module, config: SLBFConfig) -> nn.Module:
-        from cnnpress.methods import slbf_init
-
         batchnorms = following_batchnorm(model)
         base = {f.name: getattr(config, f.name) for f in dataclasses.fields(SLBFConfig)}
         for name, module, overrides in select_layers(
@@ -461,7 +374,7 @@ class SLBF(Method):
         ):
             settings = config_from_dict(SLBFConfig, {**base, **overrides, "layers": {}})
             c = module.in_channels if isinstance(module, nn.Conv2d) else module.in_features
-            _check(c, settings.slice_channels, settings.num_filters, name)
+            check_slices(c, settings.slice_channels, settings.num_filters, name)
             scale = settings.scale if settings.scale is not None else name not in batchnorms
             if isinstance(module, nn.Conv2d):
                 new: nn.Module = SLBFConv2d.from_conv(
@@ -538,13 +451,13 @@ def describe(model: nn.Module) -> list[dict[str, Any]]:
             "bank_used": mod.bank_usage(),
         }
         for name, mod in model.named_modules()
-        if isinstance(mod, _SLBFBase)
+        if isinstance(mod, SLBFLayer)
     ]
 
 
 def snapshot(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
     """Per SLBF layer name: copies of its bank, selections and latent filters."""
-    return {name: m.snapshot() for name, m in model.named_modules() if isinstance(m, _SLBFBase)}
+    return {name: m.snapshot() for name, m in model.named_modules() if isinstance(m, SLBFLayer)}
 
 
 def learning_stats(model: nn.Module, before: dict[str, dict[str, torch.Tensor]]) -> dict[str, Any]:
@@ -558,7 +471,7 @@ def learning_stats(model: nn.Module, before: dict[str, dict[str, torch.Tensor]])
     """
     layers: dict[str, dict[str, Any]] = {}
     for name, mod in model.named_modules():
-        if not isinstance(mod, _SLBFBase) or name not in before:
+        if not isinstance(mod, SLBFLayer) or name not in before:
             continue
         old = before[name]
         latent = mod.latent.detach()
@@ -581,3 +494,21 @@ def learning_stats(model: nn.Module, before: dict[str, dict[str, torch.Tensor]])
     )
     total: dict[str, Any] = {k: sum(v[k] for v in layers.values()) for k in keys}
     return {"total": total, "layers": layers}
+
+
+def set_path(model: nn.Module, path: str) -> int:
+    """Set ``path`` on every ``SLBFConv2d`` of ``model``; returns how many layers were set.
+
+    Args:
+        model: Any model.
+        path: ``"auto"``, ``"kernel"`` (``cnnpress.kernel``), ``"dense"`` or ``"stm"``.
+
+    Raises:
+        ConfigError: ``path`` is not one of those.
+    """
+    if path not in PATHS:
+        raise ConfigError(f"path must be one of {', '.join(PATHS)}; got {path!r}")
+    layers = [m for m in model.modules() if isinstance(m, SLBFConv2d)]
+    for layer in layers:
+        layer.path = path
+    return len(layers)

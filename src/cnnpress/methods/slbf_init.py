@@ -41,7 +41,6 @@ from torch import nn
 from cnnpress.errors import ConfigError
 from cnnpress.methods.base import following_batchnorm
 from cnnpress.methods.binary_kmeans import binary_votes, lloyd_step, unit_slices
-from cnnpress.methods.slbf import _SLBFBase
 from cnnpress.quantizers import binary_sign
 
 __all__ = [
@@ -156,7 +155,7 @@ def cluster(
 
 
 def init_from_dense(
-    layer: _SLBFBase,
+    layer: nn.Module,
     weight: torch.Tensor,
     iters: int = INIT_ITERS,
     seed: int = INIT_SEED,
@@ -202,7 +201,7 @@ def init_from_dense(
 
 
 def init_from_module(
-    layer: _SLBFBase, dense: nn.Module, batchnorm: nn.Module | None = None
+    layer: nn.Module, dense: nn.Module, batchnorm: nn.Module | None = None
 ) -> dict[str, Any]:
     """:func:`init_from_dense` from ``dense.weight``, plus its bias and the BN statistics.
 

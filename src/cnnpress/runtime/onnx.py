@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cnnpress.atomic import atomic_write_bytes
 from cnnpress.errors import CnnpressError
 from cnnpress.methods.slbf import SLBFConv2d
 from cnnpress.runtime.dense import dense_layer, is_compressed, replace_layers
-from cnnpress.train.atomic import atomic_write_bytes
 
 __all__ = ["DEFAULT_OPSET", "MAX_OPSET", "MIN_OPSET", "MODES", "export_onnx"]
 

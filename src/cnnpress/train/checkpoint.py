@@ -3,7 +3,7 @@
 A checkpoint holds the state dict, the optimiser state, the RNG state and the epoch, and in
 its metadata how to rebuild the model: the architecture (registry name and arguments), the
 compression method and its config, and the dataset spec. Every write is atomic. Finished
-models are ``.cnnp`` files (``cnnpress.format``); :func:`load_model` reads both.
+models are ``.cnnp`` files (``cnnpress.format``); ``cnnpress.api.load_model`` reads both.
 """
 
 from __future__ import annotations
@@ -18,15 +18,18 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
+from cnnpress.atomic import atomic_write_bytes
 from cnnpress.errors import CnnpressError
-from cnnpress.train.atomic import atomic_write_bytes
+from cnnpress.methods.apply import rebuild
+from cnnpress.models import arch_of
 
 __all__ = [
     "CheckpointError",
     "build_model",
     "check_checkpoint",
     "load_checkpoint",
-    "load_model",
+    "load_state",
+    "read_tensors",
     "model_meta",
     "read_meta",
     "save_checkpoint",
@@ -41,15 +44,11 @@ class CheckpointError(CnnpressError):
 
 def model_meta(model: nn.Module, **extra: Any) -> dict[str, Any]:
     """What it takes to rebuild ``model``: architecture, method and config, plus ``extra``."""
-    from cnnpress.models import arch_of
-
     return {"arch": arch_of(model), "method": getattr(model, "cnnpress_method", None), **extra}
 
 
 def build_model(meta: dict[str, Any]) -> nn.Module:
     """A fresh model of the recorded architecture with the recorded method applied."""
-    from cnnpress.api import rebuild
-
     return rebuild(meta["arch"], meta.get("method"))
 
 
@@ -95,7 +94,7 @@ def _meta_from_bytes(data: bytes, path: Path) -> dict[str, Any]:
     return _meta_of(raw, path)
 
 
-def _read_tensors(path: Path, data: bytes | None = None) -> dict[str, torch.Tensor]:
+def read_tensors(path: Path, data: bytes | None = None) -> dict[str, torch.Tensor]:
     try:
         return st_load(path.read_bytes() if data is None else data)
     except (SafetensorError, OSError, ValueError) as err:
@@ -142,7 +141,7 @@ def check_checkpoint(path: str | Path, model: nn.Module) -> dict[str, Any]:
     return meta
 
 
-def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     extra = sorted(set(state) - set(own))
@@ -154,37 +153,6 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path) ->
             f"{len(wrong)} mis-shaped tensors, e.g. {first!r}); was it saved from another model?"
         )
     model.load_state_dict(state)
-
-
-def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a saved model, in eval mode, with its metadata.
-
-    ``path`` is a ``.cnnp`` file, a run folder (its ``model.cnnp``, else the model in its
-    last checkpoint), a safetensors weights/checkpoint file written by cnnpress, or
-    ``pretrained:NAME`` (a model shipped with the package, ``cnnpress.pretrained``).
-    """
-    from cnnpress.format import load
-    from cnnpress.pretrained import model_file
-
-    path = model_file(path)
-    if path.suffix == ".cnnp":
-        model = load(path)
-        meta = {
-            "arch": model.cnnpress_arch,
-            "method": getattr(model, "cnnpress_method", None),
-            "dataset": model.cnnpress_dataset,
-            "provenance": model.cnnpress_provenance,
-        }
-        return model, meta
-    meta = read_meta(path)
-    model = build_model(meta)
-    tensors = _read_tensors(path)
-    if "epoch" in meta:  # a training checkpoint: the weights carry a "model." prefix
-        tensors = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
-    _load_state(model, tensors, path)
-    model.cnnpress_dataset = meta.get("dataset")
-    model.cnnpress_provenance = meta.get("provenance")
-    return model.eval(), meta
 
 
 def save_checkpoint(
@@ -237,8 +205,8 @@ def load_checkpoint(
     if "epoch" not in meta or "optim_scalars" not in meta or "param_groups" not in meta:
         raise CheckpointError(f"{path}: not a training checkpoint (no epoch or optimiser state)")
     _check_fits(meta, model, path)
-    tensors = _read_tensors(path, data)
-    _load_state(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, path)
+    tensors = read_tensors(path, data)
+    load_state(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, path)
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):

@@ -2,9 +2,10 @@
 
 A run folder holds ``config.yaml`` (the resolved settings), ``metrics.jsonl`` (one JSON line
 per epoch), ``checkpoint.safetensors`` (the state after the last finished epoch) and, at the
-end, the packed model ``model.cnnp`` (and the caller's ``result.json``). Every file is written
-atomically, so a killed run leaves the folder consistent and ``resume=True`` continues from
-the last finished epoch with the same data order (it depends only on the seed and the epoch).
+end, the packed model ``model.cnnp`` and ``result.json`` (both written by ``cnnpress.run``).
+Every file is written atomically, so a killed run leaves the folder consistent and
+``resume=True`` continues from the last finished epoch with the same data order (it depends
+only on the seed and the epoch).
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
+from cnnpress.atomic import atomic_write_text, remove_stale_temps
 from cnnpress.errors import CnnpressError
-from cnnpress.methods.filter_prune import slimming_penalty
-from cnnpress.train.atomic import atomic_write_text, remove_stale_temps
+from cnnpress.methods.base import slimming_penalty
 from cnnpress.train.checkpoint import load_checkpoint, save_checkpoint
 from cnnpress.train.config import TrainConfig
 from cnnpress.train.distributed import (
@@ -145,7 +146,8 @@ def fit(
     dist: DistContext | None = None,
     eval_at_start: bool = False,
 ) -> dict[str, Any]:
-    """Train ``model`` in place and write the run folder.
+    """Train ``model`` in place, writing the run folder's metrics and checkpoints (the packed
+    model is the caller's to save: ``cnnpress.run``).
 
     Args:
         model: The model to train.
@@ -178,12 +180,103 @@ def fit(
     console = console or Console(stderr=True)
     if not ctx.is_main:
         console = Console(stderr=True, quiet=True)
-    run_dir = Path(run_dir)
-    ckpt, metrics_path = run_dir / "checkpoint.safetensors", run_dir / "metrics.jsonl"
-    run_on_main(lambda: _prepare(run_dir), ctx, f"preparing {run_dir}")
-    extra_meta = extra_meta or {}
+    run = _Run(Path(run_dir), cfg, ctx, console, extra_meta or {})
+    run_on_main(lambda: _prepare(run.dir), ctx, f"preparing {run.dir}")
     model.to(ctx.device)
     optimizer = make_optimizer(model, cfg)
+    steps = _steps(train_loader, cfg, ctx)
+    if resume:
+        run.resume(model, optimizer)
+    else:
+        torch.manual_seed(cfg.seed)
+    loss_fn = loss_fn or (
+        lambda out, y, _x: F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)
+    )
+    step = _Step(wrap_model(model, ctx), model, optimizer, cfg, loss_fn, method, ctx)
+    model.train()
+    with synced_batchnorm(model, ctx):
+        if eval_at_start and not resume:
+            run.history.append(_evaluate_start(model, train_loader, test_loader, cfg, ctx, console))
+        for epoch in range(run.start_epoch, cfg.epochs):
+            record = _train_epoch(step, run, train_loader, epoch, steps)
+            if on_epoch_end is not None:
+                on_epoch_end(model, epoch, cfg.epochs)
+            _end_epoch(run, record, model, optimizer, train_loader, test_loader)
+    model.eval().to("cpu")
+    final = run.history[-1] if run.history else {}
+    return {
+        "epochs": cfg.epochs,
+        "test_accuracy": final.get("test_accuracy"),
+        "test_loss": final.get("test_loss"),
+        "train_seconds": run.train_seconds,
+        "history": run.history,
+    }
+
+
+class _Run:
+    """The state of a run across epochs: its folder, history, time and last saved epoch."""
+
+    def __init__(
+        self, run_dir: Path, cfg: TrainConfig, ctx: DistContext, console: Console, meta: dict
+    ) -> None:
+        self.dir, self.cfg, self.ctx, self.console, self.meta = run_dir, cfg, ctx, console, meta
+        self.ckpt = run_dir / "checkpoint.safetensors"
+        self.history: list[dict[str, Any]] = []
+        self.start_epoch, self.train_seconds = 0, 0.0
+        self.saved: int | None = None
+
+    def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Load the checkpoint and the metrics up to its epoch."""
+        read = partial(_read_checkpoint, self.ckpt)
+        data = broadcast_bytes(read, self.ctx, f"reading {self.ckpt}")
+        meta = load_checkpoint(self.ckpt, model, optimizer, data=data)
+        self.start_epoch = self.saved = meta["epoch"] + 1
+        self.train_seconds = meta.get("train_seconds", 0.0)
+        metrics = self.dir / "metrics.jsonl"
+        if self.ctx.is_main and metrics.is_file():
+            lines = [json.loads(line) for line in metrics.read_text().splitlines() if line]
+            self.history = [h for h in lines if h["epoch"] < self.start_epoch]
+        self.console.print(
+            f"resuming {self.dir} after epoch {self.start_epoch}/{self.cfg.epochs}", **PLAIN
+        )
+
+
+class _Step:
+    """One optimisation step: forward, loss (with the method's and slimming's terms), update."""
+
+    def __init__(
+        self,
+        net: nn.Module,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        cfg: TrainConfig,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+        method: Any | None,
+        ctx: DistContext,
+    ) -> None:
+        self.net, self.model, self.optimizer, self.cfg = net, model, optimizer, cfg
+        self.loss_fn, self.method, self.ctx = loss_fn, method, ctx
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, ...]:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        out = self.net(x)
+        loss = self.loss_fn(out, y, x)
+        if self.method is not None:
+            reg = self.method.regulariser(self.model)
+            if reg is not None:
+                loss = loss + reg
+        if self.cfg.slimming_l1:
+            loss = loss + slimming_penalty(self.model, self.cfg.slimming_l1)
+        return out, loss
+
+    def update(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+
+def _steps(train_loader: Any, cfg: TrainConfig, ctx: DistContext) -> int:
     steps = len(train_loader)
     if steps == 0:
         per = f" ({cfg.batch_size} per process)" if ctx.enabled else ""
@@ -191,120 +284,78 @@ def fit(
             f"the training set is smaller than one batch of {cfg.batch_size}{per}; "
             "lower --batch-size"
         )
-    start_epoch, history, train_seconds, saved = 0, [], 0.0, None
-    if resume:
-        data = broadcast_bytes(lambda: _read_checkpoint(ckpt), ctx, f"reading {ckpt}")
-        meta = load_checkpoint(ckpt, model, optimizer, data=data)
-        start_epoch = saved = meta["epoch"] + 1
-        train_seconds = meta.get("train_seconds", 0.0)
-        if ctx.is_main and metrics_path.is_file():
-            history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
-            history = [h for h in history if h["epoch"] < start_epoch]
-        console.print(f"resuming {run_dir} after epoch {start_epoch}/{cfg.epochs}", **PLAIN)
-    else:
-        torch.manual_seed(cfg.seed)
-    loss_fn = loss_fn or (
-        lambda out, y, _x: F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)
-    )
-    net = wrap_model(model, ctx)
-    model.train()
-    with synced_batchnorm(model, ctx):
-        if eval_at_start and not resume:
-            history.append(_evaluate_start(model, train_loader, test_loader, cfg, ctx, console))
-        for epoch in range(start_epoch, cfg.epochs):
-            train_loader.set_epoch(epoch)
-            t0 = time.perf_counter()
-            loss_sum, correct, count = 0.0, 0, 0
-            before = method.snapshot(model) if method is not None else None
-            with _progress(console) as bar:
-                task = bar.add_task(
-                    f"epoch {epoch + 1}/{cfg.epochs}", total=steps, loss=0.0, acc=0.0
-                )
-                for i, (x, y) in enumerate(train_loader):
-                    x, y = x.to(ctx.device), y.to(ctx.device)
-                    lr = lr_at(cfg, epoch * steps + i, steps)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-                    out = net(x)
-                    loss = loss_fn(out, y, x)
-                    if method is not None:
-                        reg = method.regulariser(model)
-                        if reg is not None:
-                            loss = loss + reg
-                    if cfg.slimming_l1:
-                        loss = loss + slimming_penalty(model, cfg.slimming_l1)
-                    finite = bool(torch.isfinite(loss))
-                    if any_rank(not finite, ctx):
-                        raise _non_finite(
-                            loss.item() if not finite else None, epoch, i, ckpt, saved
-                        )
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    loss_sum += loss.item() * y.numel()
-                    correct += (out.argmax(1) == y).sum().item()
-                    count += y.numel()
-                    bar.update(task, advance=1, loss=loss_sum / count, acc=100.0 * correct / count)
-            epoch_seconds = time.perf_counter() - t0
-            train_seconds += epoch_seconds
-            loss_sum, correct, count = all_reduce_sum([loss_sum, correct, count], ctx)
-            if method is not None:
-                method.on_epoch_end(model, epoch, cfg.epochs)
-            if on_epoch_end is not None:
-                on_epoch_end(model, epoch, cfg.epochs)
-            record: dict[str, Any] = {
-                "epoch": epoch,
-                "lr": lr,
-                "train_loss": loss_sum / count,
-                "train_accuracy": 100.0 * correct / count,
-                "epoch_seconds": epoch_seconds,
-            }
-            learning = method.learning_stats(model, before) if before is not None else None
-            if learning is not None:
-                record["learning"] = learning
-            if epoch == cfg.epochs - 1 or (epoch + 1) % cfg.eval_every == 0:
-                if cfg.bn_recalibrate:  # every rank: the statistics are global ones
-                    recalibrate_batchnorm(model, train_loader, cfg.bn_recalibrate)
-                if ctx.is_main:  # eval mode: no collective, the other ranks need not wait
-                    test = evaluate(model, test_loader)
-                    record.update(test_loss=test["loss"], test_accuracy=test["accuracy"])
-            history.append(record)
+    return steps
 
-            meta = {"train_seconds": train_seconds, **extra_meta}
-            save = partial(_save_epoch, run_dir, history, model, optimizer, epoch, meta)
-            run_on_main(save, ctx, f"saving {ckpt}")
-            saved = epoch + 1
-            acc = record.get("test_accuracy")
-            console.print(
-                f"epoch {epoch + 1}/{cfg.epochs}  loss {record['train_loss']:.4f}  "
-                f"train {record['train_accuracy']:.2f}%"
-                + (f"  test {acc:.2f}%" if acc is not None else "")
-                + f"  {epoch_seconds:.0f}s",
-                **PLAIN,
-            )
-    model.eval().to("cpu")
-    final = history[-1] if history else {}
-    from cnnpress.format import save
 
-    prov = {
-        **(extra_meta.get("provenance") or {}),
-        "test_accuracy": final.get("test_accuracy"),
-        "epochs": cfg.epochs,
+def _train_epoch(step: _Step, run: _Run, loader: Any, epoch: int, steps: int) -> dict[str, Any]:
+    """One pass over the training data, with a progress bar; the epoch's record so far."""
+    cfg, ctx = run.cfg, run.ctx
+    loader.set_epoch(epoch)
+    t0 = time.perf_counter()
+    loss_sum, correct, count, lr = 0.0, 0, 0, cfg.lr
+    before = step.method.snapshot(step.model) if step.method is not None else None
+    with _progress(run.console) as bar:
+        task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps, loss=0.0, acc=0.0)
+        for i, (x, y) in enumerate(loader):
+            x, y = x.to(ctx.device), y.to(ctx.device)
+            lr = lr_at(cfg, epoch * steps + i, steps)
+            out, loss = step(x, y, lr)
+            finite = bool(torch.isfinite(loss))
+            if any_rank(not finite, ctx):
+                value = loss.item() if not finite else None
+                raise _non_finite(value, epoch, i, run.ckpt, run.saved)
+            step.update(loss)
+            loss_sum += loss.item() * y.numel()
+            correct += (out.argmax(1) == y).sum().item()
+            count += y.numel()
+            bar.update(task, advance=1, loss=loss_sum / count, acc=100.0 * correct / count)
+    seconds = time.perf_counter() - t0
+    run.train_seconds += seconds
+    loss_sum, correct, count = all_reduce_sum([loss_sum, correct, count], ctx)
+    if step.method is not None:
+        step.method.on_epoch_end(step.model, epoch, cfg.epochs)
+    record: dict[str, Any] = {
+        "epoch": epoch,
+        "lr": lr,
+        "train_loss": loss_sum / count,
+        "train_accuracy": 100.0 * correct / count,
+        "epoch_seconds": seconds,
     }
-    run_on_main(
-        lambda: save(
-            model, run_dir / "model.cnnp", dataset=extra_meta.get("dataset"), provenance=prov
-        ),
-        ctx,
-        f"saving {run_dir / 'model.cnnp'}",
+    learning = step.method.learning_stats(step.model, before) if before is not None else None
+    if learning is not None:
+        record["learning"] = learning
+    return record
+
+
+def _end_epoch(
+    run: _Run,
+    record: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_loader: Any,
+    test_loader: Iterable,
+) -> None:
+    """Evaluate when due, save metrics and checkpoint, print the epoch's line."""
+    cfg, ctx, epoch = run.cfg, run.ctx, record["epoch"]
+    if epoch == cfg.epochs - 1 or (epoch + 1) % cfg.eval_every == 0:
+        if cfg.bn_recalibrate:  # every rank: the statistics are global ones
+            recalibrate_batchnorm(model, train_loader, cfg.bn_recalibrate)
+        if ctx.is_main:  # eval mode: no collective, the other ranks need not wait
+            test = evaluate(model, test_loader)
+            record.update(test_loss=test["loss"], test_accuracy=test["accuracy"])
+    run.history.append(record)
+    meta = {"train_seconds": run.train_seconds, **run.meta}
+    save = partial(_save_epoch, run.dir, run.history, model, optimizer, epoch, meta)
+    run_on_main(save, ctx, f"saving {run.ckpt}")
+    run.saved = epoch + 1
+    acc = record.get("test_accuracy")
+    run.console.print(
+        f"epoch {epoch + 1}/{cfg.epochs}  loss {record['train_loss']:.4f}  "
+        f"train {record['train_accuracy']:.2f}%"
+        + (f"  test {acc:.2f}%" if acc is not None else "")
+        + f"  {record['epoch_seconds']:.0f}s",
+        **PLAIN,
     )
-    return {
-        "epochs": cfg.epochs,
-        "test_accuracy": final.get("test_accuracy"),
-        "test_loss": final.get("test_loss"),
-        "train_seconds": train_seconds,
-        "history": history,
-    }
 
 
 def _evaluate_start(

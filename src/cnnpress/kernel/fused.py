@@ -11,14 +11,16 @@ folder by default (``TORCH_EXTENSIONS_DIR``), or the folder named by ``CNNPRESS_
 ``CNNPRESS_KERNEL=0`` turns it off. When it cannot be built (no compiler, no ninja), the
 layers use their pure PyTorch paths and :func:`status` says so and why; nothing else changes.
 
-In eval mode an :class:`~cnnpress.methods.slbf.SLBFConv2d` whose ``path`` is ``"auto"``
-(the default) runs, for each (shape, batch-size bucket, thread count), the fastest of
-``"kernel"``, ``"dense"`` and ``"stm"``, measured once on the first such call and remembered in
-this process (:func:`choices`). ``layer.path = "kernel" | "dense" | "stm"`` (or
-:func:`set_path` on a whole model) forces a path. The kernel computes no gradient: it is only
-used when none is needed (``torch.no_grad()`` / ``torch.inference_mode()``, or nothing requires
-one), on float32 CPU tensors, outside tracing, ``torch.compile`` and dispatch modes (such as the
-FLOP counter); elsewhere the layer's dense path runs.
+The kernel knows nothing of cnnpress's layer classes: it reads a layer through the small
+:class:`StackedConv` interface (bank, selections, geometry and two PyTorch paths). In eval
+mode such a layer whose ``path`` is ``"auto"`` (the default) runs, for each (shape,
+batch-size bucket, thread count), the fastest of ``"kernel"``, ``"dense"`` and ``"stm"``,
+measured once on the first such call and remembered in this process (:func:`choices`).
+``layer.path = "kernel" | "dense" | "stm"`` (or ``cnnpress.methods.slbf.set_path`` on a whole
+model) forces a path. The kernel computes no gradient: it is only used when none is needed
+(``torch.no_grad()`` / ``torch.inference_mode()``, or nothing requires one), on float32 CPU
+tensors, outside tracing, ``torch.compile`` and dispatch modes (such as the FLOP counter);
+elsewhere the layer's dense path runs.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import threading
 import time
 import warnings
@@ -35,7 +38,7 @@ import weakref
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -55,8 +58,8 @@ __all__ = [
     "forward",
     "load",
     "plan",
-    "set_path",
     "status",
+    "StackedConv",
 ]
 
 #: Environment variable naming the build folder (default: PyTorch's extensions folder).
@@ -67,8 +70,37 @@ DISABLE_ENV = "CNNPRESS_KERNEL"
 SOURCE = Path(__file__).with_name("csrc") / "slbf_kernel.cpp"
 #: Compiler flags (the linker gets ``-fopenmp`` too).
 FLAGS = ("-O3", "-march=native", "-fopenmp")
+#: The one line printed (to stderr) before the kernel is compiled.
+BUILD_NOTICE = (
+    "cnnpress: compiling the fast SLBF kernel for this CPU (once, about a minute); "
+    f"{DISABLE_ENV}=0 skips it and uses the PyTorch paths"
+)
 #: Paths the automatic choice measures.
 CANDIDATES = ("kernel", "dense", "stm")
+
+
+class StackedConv(Protocol):
+    """What the kernel reads of a layer whose filters are stacks of shared binary filters."""
+
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    slice_channels: int
+    num_filters: int
+    path: str
+    binary_bank: torch.Tensor  # (m, d, kh, kw) of +-1; its version keys the prepared cache
+    selection: torch.Tensor  # (n, s) bank indices
+    scale: torch.Tensor | None
+    bias: torch.Tensor | None
+
+    def bank(self) -> torch.Tensor: ...  # (m, d, kh, kw) floats
+    def indices(self) -> torch.Tensor: ...  # (n, s) indices into the bank per slice
+    def forward_dense(self, x: torch.Tensor) -> torch.Tensor: ...
+    def forward_stm(self, x: torch.Tensor) -> torch.Tensor: ...
+    def parameters(self) -> Any: ...
 
 
 class _Runtime:
@@ -136,6 +168,8 @@ def _build(verbose: bool) -> None:
         if build_dir:
             os.makedirs(build_dir, exist_ok=True)
         _RT.build_directory = build_dir or cpp_extension._get_build_directory(_RT.name, False)
+        if not _built(_RT.build_directory, _RT.name):
+            print(BUILD_NOTICE, file=sys.stderr, flush=True)
         start = time.perf_counter()
         module = cpp_extension.load(
             name=_RT.name,
@@ -154,10 +188,15 @@ def _build(verbose: bool) -> None:
         _RT.reason = f"could not build the kernel ({type(err).__name__}: {detail[:300]})"
         warnings.warn(
             f"cnnpress: {_RT.reason}; SLBF layers use their PyTorch paths "
-            f"(see cnnpress.runtime.kernel.status())",
+            f"(see cnnpress.kernel.status())",
             RuntimeWarning,
             stacklevel=3,
         )
+
+
+def _built(build_directory: str, name: str) -> bool:
+    """Whether a build of this source for this CPU is cached (loading it takes a moment)."""
+    return any(Path(build_directory).glob(f"{name}*.so"))
 
 
 def available() -> bool:
@@ -226,10 +265,10 @@ def _run(module: ModuleType, layer: nn.Module, x: torch.Tensor, mode: int = 0) -
 
 
 def conv2d(layer: nn.Module, x: torch.Tensor, mode: str = "auto") -> torch.Tensor:
-    """Run ``layer`` (an ``SLBFConv2d``) on ``x`` through the kernel, without gradient.
+    """Run ``layer`` on ``x`` through the kernel, without gradient.
 
     Args:
-        layer: The SLBF conv layer.
+        layer: A :class:`StackedConv`.
         x: Float32 CPU input (N, C, H, W).
         mode: ``"auto"``, ``"direct"`` (tiles of the padded grid) or ``"packed"`` (patch
             matrices per tile; used for small images).
@@ -273,7 +312,7 @@ def plan(layer: nn.Module, input_shape: tuple[int, int, int, int]) -> dict[str, 
     return out
 
 
-# -- dispatch from SLBFConv2d.forward ----------------------------------------------------------
+# -- dispatch from the layer's forward ----------------------------------------------------------
 def _supported(layer: nn.Module, x: torch.Tensor) -> bool:
     """Whether the kernel may run: no gradient wanted, float32 CPU, no tracing or modes."""
     if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4:
@@ -366,8 +405,8 @@ def clear_choices() -> None:
     _RT.timings.clear()
 
 
-def forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Eval-mode forward of an ``SLBFConv2d`` whose ``path`` is ``"auto"`` or ``"kernel"``."""
+def forward(layer: StackedConv, x: torch.Tensor) -> torch.Tensor:
+    """Eval-mode forward of a :class:`StackedConv` whose ``path`` is ``"auto"`` or ``"kernel"``."""
     if not _supported(layer, x):
         return layer.forward_dense(x)
     if layer.path == "kernel":
@@ -377,25 +416,3 @@ def forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if path == "kernel":
         return _run(_RT.module, layer, x)
     return layer.forward_stm(x) if path == "stm" else layer.forward_dense(x)
-
-
-def set_path(model: nn.Module, path: str) -> int:
-    """Set ``path`` on every ``SLBFConv2d`` of ``model``; returns how many layers were set.
-
-    Args:
-        model: Any model.
-        path: ``"auto"``, ``"kernel"``, ``"dense"`` or ``"stm"``.
-
-    Raises:
-        ConfigError: ``path`` is not one of those.
-    """
-    from cnnpress.methods.slbf import PATHS, SLBFConv2d
-
-    if path not in PATHS:
-        raise ConfigError(f"path must be one of {', '.join(PATHS)}; got {path!r}")
-    count = 0
-    for module in model.modules():
-        if isinstance(module, SLBFConv2d):
-            module.path = path
-            count += 1
-    return count
