@@ -54,6 +54,7 @@ from cnnpress.methods.base import select_layers
 from cnnpress.methods.slbf import SLBF
 from cnnpress.methods.slbf_config import check_budget, check_slices, index_bits, parse_size
 from cnnpress.methods.slbf_init import cluster, scaled_error, slices_of
+from cnnpress.models import arch_of
 
 __all__ = [
     "SLICE_CHOICES",
@@ -203,14 +204,11 @@ def file_size(model: nn.Module, config: Any) -> int:
     ``fold_batchnorm``, ``entropy``); the global RNG is left as it was.
     """
 
-    if getattr(model, "cnnpress_arch", None) is None:
-        raise ConfigError(
-            "a size budget needs a model built by cnnpress.models.create "
-            "(its file records the architecture)"
-        )
+    arch = arch_of(model)  # a user's network is traced (an error if it cannot be)
     with torch.random.fork_rng(devices=[]):
         candidate = SLBF().convert(copy.deepcopy(model), dataclasses.replace(config, init="random"))
     candidate.cnnpress_method = {"name": "slbf", "config": config.to_dict()}
+    candidate.cnnpress_arch = arch
     candidate.cnnpress_dataset = candidate.cnnpress_provenance = None
     with tempfile.TemporaryDirectory() as tmp:
         return save(candidate, Path(tmp) / "size.cnnp")

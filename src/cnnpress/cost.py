@@ -22,7 +22,7 @@ from cnnpress.floats import stored_float_bits
 from cnnpress.format.layout import folds
 from cnnpress.methods import method_for
 from cnnpress.methods.base import LayerCost
-from cnnpress.models import create
+from cnnpress.models import from_arch
 
 __all__ = [
     "MAX_INPUT_PIXELS",
@@ -301,8 +301,7 @@ def _reference_fp32_bits(model: nn.Module) -> int | None:
     arch = getattr(model, "cnnpress_arch", None)
     if arch is None:
         return None
-    arch = dict(arch)
-    original = create(arch.pop("name"), **arch)
+    original = from_arch(arch)
     return 32 * sum(inference_numel(m) for m in original.modules())
 
 

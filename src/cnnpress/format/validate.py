@@ -170,9 +170,16 @@ def _check_counted(manifest: dict[str, Any], payload_bytes: int, version: int) -
 
 
 def check_arch(arch: Any) -> None:
-    """A registered architecture with arguments of the right types, signs and sizes."""
+    """A registered architecture with arguments of the right types, signs and sizes, or a
+    graph that builds (``cnnpress.models.graph``)."""
     if not isinstance(arch, dict):
         raise ManifestError("manifest has no architecture")
+    if "graph" in arch:  # a user's network: its graph is checked as it is built (on meta)
+        try:
+            parameter_count(arch)
+        except ConfigError as err:
+            raise ManifestError(f"the network's graph: {err}") from None
+        return
     name = arch.get("name")
     if not isinstance(name, str) or name not in models.names():
         raise ManifestError(
@@ -201,10 +208,10 @@ class _NoRandomInit(TorchFunctionMode):
 
 
 def parameter_count(arch: dict[str, Any]) -> int:
-    """The parameters of architecture ``arch``, counted on the meta device (no memory)."""
-    args = {k: v for k, v in arch.items() if k != "name"}
+    """The parameters of architecture ``arch`` (a registry name or a graph), counted on the
+    meta device (no memory)."""
     with torch.device("meta"), _NoRandomInit():
-        model = models.create(arch["name"], **args)
+        model = models.from_arch(arch)
     return sum(p.numel() for p in model.parameters())
 
 

@@ -12,9 +12,10 @@ from typing import Any
 
 from torch import nn
 
+from cnnpress.errors import CnnpressError
 from cnnpress.methods import get as get_method
 from cnnpress.methods.base import MethodConfig, config_from_dict
-from cnnpress.models import create
+from cnnpress.models import arch_of, from_arch
 
 __all__ = ["apply", "make_config", "rebuild"]
 
@@ -27,22 +28,35 @@ def make_config(method: str, settings: dict[str, Any]) -> MethodConfig:
 def apply(model: nn.Module, method: str, config: MethodConfig) -> nn.Module:
     """A converted copy of ``model`` (``model`` is untouched), recording the method and config."""
     cls = get_method(method)
+    arch = _arch_or_why(model)
     new = copy.deepcopy(model)
     config = cls().resolve(new, config)
     new = cls().convert(new, config)
     new.cnnpress_method = {"name": method, "config": config.to_dict()}
+    if isinstance(arch, dict):  # recorded before the layers changed: the file rebuilds it
+        new.cnnpress_arch = arch
+    else:
+        new.cnnpress_arch_error = arch
     return new
 
 
+def _arch_or_why(model: nn.Module) -> dict[str, Any] | str:
+    """The architecture a file records for ``model`` (a user's model is traced here, while
+    its layers are still plain ones), or why it has none (it can still be used in memory)."""
+    try:
+        return arch_of(model)
+    except CnnpressError as err:
+        return str(err)
+
+
 def rebuild(arch: dict[str, Any], method: dict[str, Any] | None) -> nn.Module:
-    """The model a file or checkpoint records (architecture, method and config), with
-    placeholder values that the caller then loads.
+    """The model a file or checkpoint records (architecture: a registry name or a graph;
+    method and config), with placeholder values that the caller then loads.
 
     Initialisation from weights ("auto"/"weights") is skipped: it would cluster random
     weights that the stored values replace anyway.
     """
-    arch = dict(arch)
-    model = create(arch.pop("name", None), **arch)
+    model = from_arch(arch)
     if method:
         config = dict(method["config"])
         if config.get("init") in ("auto", "weights"):

@@ -12,11 +12,11 @@ from typing import Any
 from torch import nn
 
 from cnnpress.errors import ConfigError
-from cnnpress.models import lenet, mobile, resnet, vgg  # noqa: F401  (registers them)
+from cnnpress.models import graph, lenet, mobile, resnet, vgg  # noqa: F401  (registers them)
 from cnnpress.models.registry import MODELS
 from cnnpress.typecheck import check_arguments
 
-__all__ = ["arch_of", "check_args", "create", "names"]
+__all__ = ["arch_of", "check_args", "create", "from_arch", "names"]
 
 
 def create(name: str, in_channels: int = 3, num_classes: int = 10, **kwargs: Any) -> nn.Module:
@@ -73,10 +73,24 @@ def names() -> list[str]:
 
 
 def arch_of(model: nn.Module) -> dict[str, Any]:
-    """The recorded architecture of a model built by :func:`create`."""
+    """How a file rebuilds ``model``: the registry name and arguments of a model built by
+    :func:`create` (``cnnpress_arch``), else its traced graph, ``{"graph": ...}``
+    (:func:`cnnpress.models.graph.trace`; one error line when it cannot be traced)."""
     arch = getattr(model, "cnnpress_arch", None)
-    if arch is None:
-        raise ValueError(
-            "model was not built by cnnpress.models.create; its architecture is unknown"
-        )
-    return dict(arch)
+    if arch is not None:
+        return dict(arch)
+    why = getattr(model, "cnnpress_arch_error", None)  # a compressed copy of an untraceable one
+    if why:
+        raise ConfigError(why)
+    return {"graph": graph.trace(model)}
+
+
+def from_arch(arch: dict[str, Any]) -> nn.Module:
+    """A fresh model of a recorded architecture: a registry name, or a graph (then its
+    modules hold placeholder values until the caller loads the file's)."""
+    if "graph" in arch:
+        model = graph.build(arch["graph"])
+        model.cnnpress_arch = {"graph": arch["graph"]}
+        return model
+    arch = dict(arch)
+    return create(arch.pop("name", None), **arch)
