@@ -250,8 +250,8 @@ def small_files(tmp_path_factory):
     cnnpress.save(net, files["fp32"])
     for method, settings in [
         ("slbf", {"slice_channels": 8, "num_filters": 4}),
-        ("kmeans", {"bits": 2}),
-        ("pq", {"bits": 2}),
+        ("kmeans", {"bits": 2, "iterations": 1}),
+        ("pq", {"bits": 2, "iterations": 1}),
     ]:
         files[method] = folder / f"{method}.cnnp"
         cnnpress.save(cnnpress.compress(net, method, **settings), files[method])
@@ -292,7 +292,7 @@ ABSURD = [
     ("fp32", _set("arch", "num_classes")(5_000_000), "num_classes 5000000 is beyond"),
     ("fp32", _set("arch", "in_channels")(100_000), "in_channels 100000 is beyond"),
     ("fp32", _set("arch", "width")(2000), "parameters, more than what a"),
-    ("fp32", _set("arch", "width")(60_000), "parameters, more than the absolute limit"),
+    ("kmeans", _set("arch", "width")(60_000), "parameters, more than the absolute limit"),
     ("fp32", _set("arch", "name")(["resnet20"]), "unknown model"),
     ("fp32", _set("arch", "depth")(1000), "takes no argument(s) depth"),
     ("fp32", _set("float_bits")(True), "unsupported float width"),

@@ -180,7 +180,7 @@ def _parse(path: Path) -> tuple[dict[str, Any], bytes, int]:
         raise _fail(path, "manifest length points past the end of the file")
     try:
         manifest = json.loads(inflate(data[_HEAD.size : end]))
-    except (zlib.error, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (zlib.error, UnicodeDecodeError, json.JSONDecodeError, CnnpressError) as err:
         raise _fail(path, f"unreadable manifest ({err})") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("arch"), dict):
         raise _fail(path, "manifest has no architecture")
