@@ -16,9 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cnnpress.run import loaders
 from cnnpress.cli.main import main
 from cnnpress.errors import ConfigError
+from cnnpress.run import loaders
 from cnnpress.train.config import TrainConfig
 from cnnpress.train.distributed import DistContext, init_distributed
 

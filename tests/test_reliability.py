@@ -18,11 +18,11 @@ import torch
 from safetensors.torch import load_file
 
 import cnnpress
+from cnnpress import atomic
 from cnnpress.cli import commands, files
 from cnnpress.cli.main import main
 from cnnpress.data import Loader, load_dataset
 from cnnpress.data.idx import write_idx
-from cnnpress import atomic
 from cnnpress.train.checkpoint import load_checkpoint
 from cnnpress.train.config import TrainConfig
 from cnnpress.train.loop import fit, make_optimizer
