@@ -7,13 +7,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import cnnpress
 from cnnpress.errors import CnnpressError
-from cnnpress.methods.slbf import SLBFConv2d, SLBFLinear, SLBFLayer
+from cnnpress.format import read_info
+from cnnpress.methods.slbf import SLBFConv2d, SLBFLayer, SLBFLinear
 from cnnpress.runtime import export_onnx, to_dense
 from cnnpress.runtime.dense import dense_layer, is_compressed
 
@@ -178,34 +180,56 @@ def attr(node, name: str, default=None):
     return onnx.helper.get_attribute_value(found[0]) if found else default
 
 
-def test_stm_graph_is_grouped_conv_gather_reducesum(models, exported):
+def test_stm_graph_keeps_the_bank_and_selections_packed(models, exported):
     model, _ = models["slbf"]
     convs = [m for m in model.modules() if isinstance(m, SLBFConv2d)]
     path = exported["slbf", "stm"]
-    proto = onnx.load(str(path))
-    init = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
-    conv_nodes = nodes(path, "Conv")
-    grouped = [n for n in conv_nodes if attr(n, "group", 1) > 1]
-    gathers = [n for n in nodes(path, "Gather") if n.input[1] in init]
-    # One Conv per SLBF conv with s groups (s = 1 where the layer has 8 inputs), plus conv1.
-    assert sorted(attr(n, "group", 1) for n in conv_nodes) == sorted(
-        [1] + [c.num_slices for c in convs]
-    )
-    assert len(convs) == 18 and len(grouped) == sum(c.num_slices > 1 for c in convs) == 11
-    assert len(gathers) == len(nodes(path, "ReduceSum")) == len(convs)
+    init = [numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer]
+    packed = {a.tobytes() for a in init if a.dtype == np.uint8}
+    for conv in convs:  # every bank once, 8 signs a byte, and its selections at 4 bits
+        bits = np.packbits((conv.bank().reshape(-1) > 0).numpy())
+        assert bits.tobytes() in packed
+        sel = conv.indices().reshape(-1).numpy().astype(np.uint8)
+        assert ((sel[0::2] << 4) | sel[1::2]).tobytes() in packed
+        m, d, k = conv.num_filters, conv.slice_channels, 3
+        expanded = {m * d * k * k, conv.num_slices * m * d * k * k}
+        assert not [a for a in init if a.dtype == np.float32 and a.size in expanded]
+        assert not [a for a in init if a.dtype == np.int64 and a.size == sel.size]
+    # one plain Conv over the slices, one Gather (axis 1) and one ReduceSum per SLBF conv
+    assert len(nodes(path, "Conv")) == len(convs) + 1
+    gathers = [n for n in nodes(path, "Gather") if attr(n, "axis", 0) == 1]
+    assert len(gathers) == len(nodes(path, "ReduceSum")) == len(convs) == 18
     assert len(nodes(path, "Gemm")) == 1  # the SLBF classifier stays dense
-    # The first grouped SLBF conv: weight = bank repeated s times; indices j*m + p(i, j).
-    first = next(c for c in convs if c.num_slices > 1)
-    s, m = first.num_slices, first.num_filters
-    assert attr(grouped[0], "group") == s
-    weight = init[grouped[0].input[1]]
-    expected_weight = first.bank().repeat(s, 1, 1, 1).numpy()
-    assert weight.shape == (s * m, first.slice_channels, 3, 3)
-    assert (weight == expected_weight).all()
-    index = init[gathers[convs.index(first)].input[1]]
-    expected_index = first.indices() + torch.arange(s).mul(m).view(1, s)
-    assert all(attr(n, "axis") == 1 for n in gathers)
-    assert index.tolist() == expected_index.flatten().tolist()
+
+
+@pytest.mark.parametrize("float_bits", [16, 8])
+def test_stm_file_keeps_the_widths_of_the_cnnp(float_bits, tmp_path):
+    torch.manual_seed(0)
+    base = cnnpress.models.create("resnet20", 1, 10, width=16)
+    model = calibrate_batchnorm(cnnpress.compress(base, "slbf"), RESNET_SHAPE, 0)
+    cnnp = tmp_path / "m.cnnp"
+    cnnpress.save(model, cnnp, float_bits=float_bits, fold_batchnorm=True)
+    loaded = cnnpress.load(cnnp).eval()
+    path = export_onnx(loaded, tmp_path / "m.onnx", RESNET_SHAPE, mode="stm")
+    init = [numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer]
+    narrow = np.float16 if float_bits == 16 else np.int8
+    floats = sum(a.size for a in init if a.dtype == narrow)
+    wide = [a for a in init if a.dtype == np.float32 and a.size > 16]
+    stored = sum(
+        a["shape"] and int(np.prod(a["shape"]))
+        for a in read_info(cnnp)["arrays"]
+        if a["encoding"] in ("f2", "q8")
+    )
+    assert floats == stored and not wide  # every unpacked float at the file's width
+    # the values take about what the .cnnp payload takes (indices at 4 bits, not Huffman
+    # coded; a scale per int8 array); the graph's nodes add a few hundred bytes a layer
+    values = sum(a.nbytes for a in init)
+    assert values <= 1.25 * read_info(cnnp)["payload_bytes"]
+    assert path.stat().st_size <= values + 20_000
+    x = torch.randn(3, *RESNET_SHAPE)
+    got = ort.InferenceSession(str(path)).run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), loaded(x), rtol=1e-4, atol=1e-4)
 
 
 def test_dense_graph_has_plain_convs_only(exported):

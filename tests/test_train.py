@@ -142,3 +142,14 @@ def test_kd_loss_is_hintons_formula():
 def test_slimming_l1_must_not_be_negative():
     with pytest.raises(ConfigError, match="slimming_l1"):
         TrainConfig(slimming_l1=-0.1)
+
+
+def test_a_batch_of_one_reaching_a_1x1_map_is_one_error_in_training(tmp_path):
+    from cnnpress.batchnorm import BatchStatisticsError
+
+    data = load_dataset("synthetic", "train", num_samples=8, image_size=4)
+    one = Loader(data, 1, train=True, seed=0)  # ResNet-20's last stage sees 1x1 maps
+    net = cnnpress.models.create("resnet20", 1, 4, width=8)
+    with pytest.raises(BatchStatisticsError) as err:
+        fit(net, one, one, TrainConfig(epochs=1, batch_size=1, lr=0.05), tmp_path)
+    assert "batch" in str(err.value) and "\n" not in str(err.value)

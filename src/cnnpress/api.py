@@ -48,6 +48,7 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
             "method": getattr(model, "cnnpress_method", None),
             "dataset": model.cnnpress_dataset,
             "provenance": model.cnnpress_provenance,
+            "file": str(path),
         }
         return model, meta
     meta = read_meta(path)

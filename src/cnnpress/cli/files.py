@@ -21,7 +21,7 @@ from cnnpress.errors import CnnpressError
 from cnnpress.format import read_info
 from cnnpress.runtime.onnx import export_onnx
 from cnnpress.train.fits import check_fits
-from cnnpress.train.loop import evaluate
+from cnnpress.train.loop import PLAIN, evaluate
 
 __all__ = ["cmd_evaluate", "cmd_export", "cmd_predict", "cmd_summary"]
 
@@ -120,12 +120,17 @@ def cmd_export(args: argparse.Namespace, console: Console, err: Console) -> dict
     model, meta = load_model(args.model_file)
     spec = _dataset_of(meta, args.model_file)
     out = export_onnx(model, args.onnx, (spec.in_channels, *spec.image_size), mode=args.mode)
+    cnnp = meta.get("file")  # the .cnnp it came from (none for a checkpoint)
     result = {
         "model_file": args.model_file,
         "onnx": str(out),
         "mode": args.mode,
         "bytes": Path(out).stat().st_size,
+        "cnnp_bytes": Path(cnnp).stat().st_size if cnnp else None,
     }
     if not args.json:
-        console.print(f"wrote {out} ({result['bytes']:,} bytes, SLBF as {args.mode})")
+        beside = f"; the .cnnp holds {result['cnnp_bytes']:,}" if cnnp else ""
+        console.print(
+            f"wrote {out} ({result['bytes']:,} bytes, SLBF as {args.mode}{beside})", **PLAIN
+        )
     return result

@@ -312,6 +312,10 @@ def load(path: str | Path) -> nn.Module:
         raise _fail(path, f"payload does not fit the model ({err})") from None
     model.cnnpress_dataset = manifest.get("dataset")
     model.cnnpress_provenance = manifest.get("provenance")
+    model.cnnpress_storage = {  # how the file keeps its values (the ONNX export keeps them so)
+        "float_bits": manifest.get("float_bits", 32),
+        "fold_batchnorm": bool(manifest.get("fold_batchnorm", False)),
+    }
     return model.eval()
 
 

@@ -198,7 +198,7 @@ def layout(
         for name, tensor in tensors:
             if not torch.is_floating_point(tensor):
                 continue
-            values = tensor.detach().cpu().numpy() if with_values else None
+            values = tensor.detach().cpu().float().numpy() if with_values else None  # bf16 too
             entries.append(Entry(mod_name, name, enc, tuple(tensor.shape), values))
     return entries
 

@@ -5,12 +5,15 @@ Two graph forms (``mode``):
 * ``"dense"``: every compressed layer becomes a plain Conv / Gemm with the reconstructed float
   weights (:func:`cnnpress.runtime.dense.to_dense`). Any ONNX runtime runs it at full speed, but
   the file stores float weights.
-* ``"stm"``: every ``SLBFConv2d`` is exported as SLBF's split-transform-merge: a grouped Conv
-  (``s`` groups) of the input with the binary bank repeated ``s`` times, weight shape
-  ``(s*m, d, kh, kw)``; a Gather of the ``n*s`` selected maps (flat indices ``j*m + p(i, j)``);
-  a Reshape to ``(N, n, s, H, W)``; a ReduceSum over the slices; then Mul by the scales and Add
-  of the bias where the layer has them. Linear SLBF layers (and other compressed layers) stay
-  dense.
+* ``"stm"``: the file stays compressed. Every ``SLBFConv2d`` is exported as SLBF's
+  split-transform-merge over its bank stored once, bit-packed into ``uint8`` and unpacked in
+  the graph; a grouped Conv (``s`` groups) of the input with the bank tiled ``s`` times; a
+  Gather of the ``n*s`` selected maps (the selections stored in the smallest integer type,
+  ``uint8`` up to 256 filters); a Reshape to ``(N, n, s, H, W)``; a ReduceSum over the slices;
+  then Mul by the scales and Add of the bias where the layer has them. Every other float is
+  stored at the width the ``.cnnp`` keeps it (float16, or int8 with a scale per row, widened
+  by the graph), BatchNorm as a per-channel scale and shift (:mod:`cnnpress.runtime.stored`).
+  Linear SLBF layers (and the other methods' compressed layers) are dense.
 
 The TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``) is used: it needs
 neither ``onnxscript`` nor ``torch.export``, is fast, and maps ``index_select`` / ``sum`` to one
@@ -28,13 +31,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cnnpress.atomic import atomic_write_bytes
 from cnnpress.errors import CnnpressError
 from cnnpress.methods.slbf import SLBFConv2d
 from cnnpress.runtime.dense import dense_layer, is_compressed, replace_layers
+from cnnpress.runtime.stored import PackedSTMConv, stored_form, stored_tensors
 
 __all__ = ["DEFAULT_OPSET", "MAX_OPSET", "MIN_OPSET", "MODES", "export_onnx"]
 
@@ -46,50 +49,6 @@ MIN_OPSET = 13
 #: The newest opset of torch's TorchScript-based exporter.
 MAX_OPSET = 20
 INPUT_NAME, OUTPUT_NAME, BATCH_AXIS = "input", "output", "batch"
-
-
-class _STMConv(nn.Module):
-    """Deploy-time split-transform-merge form of an ``SLBFConv2d`` (buffers only, no parameters).
-
-    Args:
-        layer: The SLBF conv layer to copy (its current bank, selections, scale and bias).
-        out_size: Output height and width when known: the Reshape then has a constant shape;
-            without it the shape is read from the tensor at run time.
-    """
-
-    def __init__(self, layer: SLBFConv2d, out_size: tuple[int, int] | None = None) -> None:
-        super().__init__()
-        s, m, n = layer.num_slices, layer.num_filters, layer.out_channels
-        self.num_slices, self.out_channels = s, n
-        self.stride, self.padding, self.dilation = layer.stride, layer.padding, layer.dilation
-        self.out_size = out_size
-        with torch.no_grad():
-            bank = layer.bank()  # m, d, kh, kw in {-1, +1}
-            offsets = torch.arange(s, device=bank.device).mul(m).view(1, s)
-            index = (layer.indices() + offsets).flatten()  # i-major: [i*s + j] = j*m + p(i, j)
-            scale = None if layer.scale is None else layer.scale.detach().clone().view(1, n, 1, 1)
-            bias = None if layer.bias is None else layer.bias.detach().clone().view(1, n, 1, 1)
-        self.register_buffer("bank", bank.repeat(s, 1, 1, 1).contiguous())
-        self.register_buffer("index", index.long().contiguous())
-        self.register_buffer("scale", scale)
-        self.register_buffer("bias", bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = F.conv2d(
-            x, self.bank, None, self.stride, self.padding, self.dilation, self.num_slices
-        )  # N, s*m, H, W: z[:, j*m + t] = x_j * B[t]
-        y = torch.index_select(z, 1, self.index)  # N, n*s, H, W
-        h, w = self.out_size if self.out_size is not None else (z.shape[2], z.shape[3])
-        y = y.reshape(-1, self.out_channels, self.num_slices, h, w).sum(dim=2)
-        if self.scale is not None:
-            y = y * self.scale
-        if self.bias is not None:
-            y = y + self.bias
-        return y
-
-    def extra_repr(self) -> str:
-        s, sm = self.num_slices, self.bank.shape[0]
-        return f"slices={s}, bank={sm // s}, out_channels={self.out_channels}"
 
 
 def _check_input_shape(input_shape: Any) -> tuple[int, int, int]:
@@ -125,11 +84,14 @@ def _float_dtype(model: nn.Module) -> torch.dtype:
 
 
 def _run_once(model: nn.Module, x: torch.Tensor, watch: bool) -> dict[int, tuple[int, int]]:
-    """Run ``model`` on ``x``; with ``watch``, return the output size of each SLBF conv by id."""
+    """Run ``model`` on ``x``; with ``watch``, return each SLBF conv's input and output size
+    ``(h_in, w_in, h_out, w_out)`` by id."""
     sizes: dict[int, tuple[int, int]] = {}
 
-    def hook(module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
-        sizes[id(module)] = (int(output.shape[-2]), int(output.shape[-1]))
+    def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        x = inputs[0]
+        sizes[id(module)] = (int(x.shape[-2]), int(x.shape[-1]), int(output.shape[-2]),
+                             int(output.shape[-1]))
 
     handles = (
         [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, SLBFConv2d)]
@@ -153,21 +115,165 @@ def _deploy_model(model: nn.Module, mode: str, x: torch.Tensor) -> nn.Module:
     """A CPU copy in eval mode with the compressed layers in their export form."""
     work = copy.deepcopy(model).to("cpu").eval()
     sizes = _run_once(work, x, watch=mode == "stm")
+    bits = stored_float_bits(model)
     if mode == "stm":
         work = replace_layers(
             work,
-            lambda m: _STMConv(m, sizes.get(id(m))) if isinstance(m, SLBFConv2d) else None,
+            lambda m: PackedSTMConv(m, bits, sizes[id(m)]) if isinstance(m, SLBFConv2d) else None,
         )
     work = replace_layers(work, lambda m: dense_layer(m) if is_compressed(m) else None)
+    if mode == "stm":  # the other floats at the width the file keeps them
+        work = replace_layers(work, lambda m: stored_form(m, bits, sizes))
     return work.eval()
+
+
+def stored_float_bits(model: nn.Module) -> int:
+    """The width the model's file keeps its unpacked floats at (32 when unknown)."""
+    storage = getattr(model, "cnnpress_storage", None) or {}
+    config = (getattr(model, "cnnpress_method", None) or {}).get("config") or {}
+    return int(storage.get("float_bits") or config.get("float_bits") or 32)
+
+
+class _Fed(nn.Module):
+    """``net`` with its stored tensors fed in as graph inputs: constant folding then leaves
+    them as they are (it would widen them into float constants); they become initializers
+    again after the export (:func:`_stored_to_initializers`)."""
+
+    def __init__(self, net: nn.Module, stored: list[tuple[nn.Module, str]]) -> None:
+        super().__init__()
+        self.net, self.stored = net, stored
+
+    def forward(self, x: torch.Tensor, *values: torch.Tensor) -> torch.Tensor:
+        for (module, name), value in zip(self.stored, values, strict=True):
+            setattr(module, name, value)
+        return self.net(x)
+
+
+def _stored_names(stored: list[tuple[nn.Module, str]]) -> list[str]:
+    return [f"s{i}" for i in range(len(stored))]
+
+
+def _exported(
+    fed: _Fed, x: torch.Tensor, stored: list[tuple[nn.Module, str]], opset: int
+) -> bytes:
+    values = [getattr(module, name).clone() for module, name in stored]
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        # The TorchScript exporter warns that it is deprecated, and about traces and folding.
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx")
+        torch.onnx.export(
+            fed,
+            (x, *values),
+            buffer,
+            dynamo=False,
+            input_names=[INPUT_NAME, *_stored_names(stored)],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: BATCH_AXIS}, OUTPUT_NAME: {0: BATCH_AXIS}},
+            opset_version=opset,
+            do_constant_folding=True,
+        )
+    for (module, name), value in zip(stored, values, strict=True):
+        setattr(module, name, value)
+    return buffer.getvalue()
+
+
+def _stored_to_initializers(proto: Any, stored: list[tuple[nn.Module, str]]) -> None:
+    """The stored tensors, fed in as inputs for the export, as initializers (their values)."""
+    from onnx import numpy_helper
+
+    names = _stored_names(stored)
+    keep = [i for i in proto.graph.input if i.name not in names]
+    del proto.graph.input[:]
+    proto.graph.input.extend(keep)
+    for name, (module, attr) in zip(names, stored, strict=True):
+        proto.graph.initializer.append(
+            numpy_helper.from_array(getattr(module, attr).detach().cpu().numpy(), name)
+        )
+
+
+def _constants_to_initializers(graph: Any) -> None:
+    """Every Constant node as an initializer, one per distinct value, and no Identity nodes
+    (the exporter leaves one Constant node per use of ``2.0`` or of a shape)."""
+    from onnx import numpy_helper
+
+    alias: dict[str, str] = {}
+    first: dict[tuple, str] = {}
+    kept = []
+    for node in graph.node:
+        node.input[:] = [alias.get(n, n) for n in node.input]
+        if node.op_type == "Identity" and node.output[0] != OUTPUT_NAME:
+            alias[node.output[0]] = node.input[0]
+            continue
+        attrs = [a.name for a in node.attribute]
+        if node.op_type == "Constant" and attrs == ["value"]:
+            value = numpy_helper.to_array(node.attribute[0].t)
+            key = (value.dtype.str, value.shape, value.tobytes())
+            if key not in first:
+                first[key] = node.output[0]
+                graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+            alias[node.output[0]] = first[key]
+            continue
+        kept.append(node)
+    for out in graph.output:
+        out.name = alias.get(out.name, out.name)
+    del graph.node[:]
+    graph.node.extend(kept)
+
+
+def _is_default(op: str, attr: Any) -> bool:
+    """Whether ``attr`` of an ``op`` node says what its absence says (ONNX operator specs:
+    a Conv's kernel_shape is inferred from its weight)."""
+    if op == "Reshape":
+        return attr.name == "allowzero" and attr.i == 0
+    if op == "Gather":
+        return attr.name == "axis" and attr.i == 0
+    if op == "Conv":
+        ones = len(attr.ints) > 0 and all(v == 1 for v in attr.ints)
+        zeros = len(attr.ints) > 0 and all(v == 0 for v in attr.ints)
+        return (
+            attr.name == "kernel_shape"
+            or (attr.name in ("dilations", "strides") and ones)
+            or (attr.name == "pads" and zeros)
+            or (attr.name == "group" and attr.i == 1)
+        )
+    return False
+
+
+def _compact(graph: Any) -> None:
+    """Short names for every value, node and initializer (the exporter's names, such as
+    ``/layer1/layer1.0/conv1/Constant_21_output_0``, took most of a small model's file)."""
+    short: dict[str, str] = {}
+
+    def rename(name: str) -> str:
+        if name in ("", INPUT_NAME, OUTPUT_NAME):
+            return name
+        return short.setdefault(name, format(len(short), "x"))
+
+    for node in graph.node:
+        node.name, node.doc_string = "", ""
+        for attr in [a for a in node.attribute if _is_default(node.op_type, a)]:
+            node.attribute.remove(attr)  # the default value, written out by the exporter
+        node.input[:] = [rename(n) for n in node.input]
+        node.output[:] = [rename(n) for n in node.output]
+    for init in graph.initializer:
+        init.name = rename(init.name)
+    del graph.value_info[:]
 
 
 def _metadata(model: nn.Module, mode: str, input_shape: tuple[int, int, int]) -> dict[str, str]:
     props = {"cnnpress_export_mode": mode, "cnnpress_input_shape": json.dumps(list(input_shape))}
-    for attr in ("cnnpress_arch", "cnnpress_method"):
-        value = getattr(model, attr, None)
-        if value is not None:
-            props[attr] = json.dumps(value, sort_keys=True)
+    arch = getattr(model, "cnnpress_arch", None)
+    if arch is not None:  # a user's network is in the ONNX graph itself: not repeated here
+        arch = {"graph": "in the ONNX graph"} if "graph" in arch else arch
+        props["cnnpress_arch"] = json.dumps(arch, sort_keys=True, separators=(",", ":"))
+    method = getattr(model, "cnnpress_method", None)
+    if method is not None:  # the per-layer settings are in the graph's shapes
+        config = {k: v for k, v in (method.get("config") or {}).items() if k != "layers"}
+        method = {**method, "config": config}
+        props["cnnpress_method"] = json.dumps(method, sort_keys=True, separators=(",", ":"))
     return props
 
 
@@ -219,25 +325,12 @@ def export_onnx(
     # Batch 2, not 1, so that nothing in the trace specialises on a batch of one.
     x = torch.randn(2, *shape, dtype=_float_dtype(model))
     deploy = _deploy_model(model, mode, x)
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        # The TorchScript exporter warns that it is deprecated, and about traces and folding.
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx")
-        torch.onnx.export(
-            deploy,
-            (x,),
-            buffer,
-            dynamo=False,
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: BATCH_AXIS}, OUTPUT_NAME: {0: BATCH_AXIS}},
-            opset_version=opset_version,
-            do_constant_folding=True,
-        )
-    proto = onnx.load_from_string(buffer.getvalue())
+    stored = stored_tensors(deploy) if mode == "stm" else []
+    proto = onnx.load_from_string(_exported(_Fed(deploy, stored), x, stored, opset_version))
+    if stored:
+        _stored_to_initializers(proto, stored)
+    _constants_to_initializers(proto.graph)
+    _compact(proto.graph)
     for key, value in _metadata(model, mode, shape).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value

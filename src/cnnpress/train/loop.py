@@ -25,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from cnnpress.atomic import atomic_write_text, remove_stale_temps
+from cnnpress.batchnorm import batch_statistics_errors
 from cnnpress.errors import CnnpressError
 from cnnpress.methods.base import slimming_penalty
 from cnnpress.train.checkpoint import load_checkpoint, save_checkpoint
@@ -260,7 +261,8 @@ class _Step:
     def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, ...]:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        out = self.net(x)
+        with batch_statistics_errors():  # a 1x1 map at batch 1: one line, not torch's
+            out = self.net(x)
         loss = self.loss_fn(out, y, x)
         if self.method is not None:
             reg = self.method.regulariser(self.model)
