@@ -192,3 +192,34 @@ def test_a_graph_whose_node_uses_a_later_value_is_refused(tmp_path):
         graph["nodes"][1][3] = [{"node": graph["nodes"][-2][0]}]
 
     assert "before they exist" in tampered(tmp_path, evil)
+
+
+@pytest.mark.parametrize("mode", ["dense", "stm"])
+def test_a_user_cnn_exports_to_onnx(mode, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    from cnnpress.runtime import export_onnx
+
+    path = tmp_path / "m.cnnp"
+    cnnpress.save(cnnpress.compress(user_net(), "slbf"), path, float_bits=16)
+    model = cnnpress.load(path).eval()  # a GraphNet: the class is not needed to export
+    onnx_path = export_onnx(model, tmp_path / "m.onnx", (1, 20, 20), mode=mode)
+    x = torch.randn(2, 1, 20, 20)
+    got = ort.InferenceSession(str(onnx_path)).run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_user_student_distils_from_a_user_teacher(tmp_path):
+    from cnnpress.data import Loader, load_dataset
+    from cnnpress.methods.distill import make_kd_loss
+    from cnnpress.train.config import TrainConfig
+    from cnnpress.train.loop import fit
+
+    data = load_dataset("synthetic", "train", num_samples=64, num_classes=7)
+    loader = Loader(data, 16, train=True, seed=0)
+    teacher, student = user_net(), cnnpress.compress(user_net(), "bwn")
+    before = [p.detach().clone() for p in student.parameters()]
+    result = fit(student, loader, Loader(data, 32, train=False), TrainConfig(epochs=1, lr=0.05),
+                 tmp_path, loss_fn=make_kd_loss(teacher, 4.0, 0.9))
+    assert result["test_accuracy"] is not None
+    assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters(), strict=True))
