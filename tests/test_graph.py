@@ -223,3 +223,18 @@ def test_a_user_student_distils_from_a_user_teacher(tmp_path):
                  tmp_path, loss_fn=make_kd_loss(teacher, 4.0, 0.9))
     assert result["test_accuracy"] is not None
     assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters(), strict=True))
+
+
+def test_the_command_line_takes_a_user_model_file(tmp_path, capsys):
+    from cnnpress.cli.main import main
+
+    path = tmp_path / "m.cnnp"
+    cnnpress.save(cnnpress.compress(user_net(), "slbf"), path)  # no dataset recorded
+    assert main(["summary", str(path), "--input-shape", "1,20,20", "--json"]) == 0
+    onnx_path = tmp_path / "m.onnx"
+    argv = ["export", str(path), "--onnx", str(onnx_path), "--input-shape", "1,20,20"]
+    assert main([*argv, "--mode", "stm"]) == 0 and onnx_path.is_file()
+    capsys.readouterr()
+    assert main(["export", str(path), "--onnx", str(onnx_path)]) == 2
+    err = capsys.readouterr().err
+    assert "records no dataset" in err and "--input-shape" in err and err.count("\n") == 1

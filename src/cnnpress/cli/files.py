@@ -30,8 +30,7 @@ def cmd_evaluate(args: argparse.Namespace, console: Console, err: Console) -> di
     """``cnnpress evaluate``: test accuracy of a saved model."""
     _set_threads(args.threads)
     model, meta = load_model(args.model_file)
-    spec = DatasetSpec.from_dict(meta["dataset"])
-    name = args.data or spec.name
+    name = args.data or _dataset_of(meta, args.model_file).name
     check_fits(model, get_spec(name), args.model_file)
     test = load_dataset(name, "test", args.data_dir)
     metrics = evaluate(model, Loader(test, args.batch_size, train=False))
@@ -46,26 +45,34 @@ def cmd_evaluate(args: argparse.Namespace, console: Console, err: Console) -> di
 
 def _dataset_of(meta: dict[str, Any], path: str) -> DatasetSpec:
     if not meta.get("dataset"):
-        raise CnnpressError(f"{path} records no dataset; pass the input shape or --data")
+        raise CnnpressError(
+            f"{path} records no dataset (saved without one); pass --input-shape C,H,W "
+            "(summary, export) or --data NAME (evaluate)"
+        )
     return DatasetSpec.from_dict(meta["dataset"])
+
+
+def _input_shape(args: argparse.Namespace, meta: dict[str, Any]) -> tuple[int, int, int]:
+    """``--input-shape C,H,W`` when given, else the recorded dataset's image shape."""
+    if not getattr(args, "input_shape", None):
+        spec = _dataset_of(meta, args.model_file)
+        return (spec.in_channels, *spec.image_size)
+    try:
+        shape = tuple(int(v) for v in args.input_shape.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise CnnpressError(
+            f"--input-shape must be C,H,W: three positive integers such as 1,28,28; "
+            f"got {args.input_shape!r}"
+        )
+    return shape  # type: ignore[return-value]
 
 
 def cmd_summary(args: argparse.Namespace, console: Console, err: Console) -> dict:
     """``cnnpress summary``: the per-layer cost table, with the real file's bytes."""
     model, meta = load_model(args.model_file)
-    if args.input_shape:
-        try:
-            shape = tuple(int(v) for v in args.input_shape.split(","))
-        except ValueError:
-            shape = ()
-        if len(shape) != 3 or min(shape) < 1:
-            raise CnnpressError(
-                f"--input-shape must be C,H,W: three positive integers such as 1,28,28; "
-                f"got {args.input_shape!r}"
-            )
-    else:
-        spec = _dataset_of(meta, args.model_file)
-        shape = (spec.in_channels, *spec.image_size)
+    shape = _input_shape(args, meta)
     path = Path(args.model_file)
     path = path / "model.cnnp" if path.is_dir() else path
     info = read_info(path) if path.suffix == ".cnnp" else None
@@ -118,8 +125,7 @@ def cmd_predict(args: argparse.Namespace, console: Console, err: Console) -> dic
 def cmd_export(args: argparse.Namespace, console: Console, err: Console) -> dict:
     """``cnnpress export``: an ONNX graph of a model file."""
     model, meta = load_model(args.model_file)
-    spec = _dataset_of(meta, args.model_file)
-    out = export_onnx(model, args.onnx, (spec.in_channels, *spec.image_size), mode=args.mode)
+    out = export_onnx(model, args.onnx, _input_shape(args, meta), mode=args.mode)
     cnnp = meta.get("file")  # the .cnnp it came from (none for a checkpoint)
     result = {
         "model_file": args.model_file,

@@ -115,6 +115,7 @@ def _file_commands(sub: Any) -> None:
     p = sub.add_parser("export", help="export a model file to ONNX")
     p.add_argument("model_file", help="model.cnnp file or run folder")
     p.add_argument("--onnx", required=True, help="output .onnx path")
+    p.add_argument("--input-shape", help="C,H,W (default: the dataset's)")
     p.add_argument(
         "--mode",
         choices=["dense", "stm"],
