@@ -133,10 +133,21 @@ def test_bad_budget_settings(settings):
         SLBFConfig(**settings)
 
 
-def test_needs_a_registered_architecture(net):
+def test_a_user_model_gets_a_budget_and_an_untraceable_one_an_error(net):
     bare = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.Conv2d(8, 8, 3))
-    with pytest.raises(ConfigError, match="models.create"):
-        cnnpress.compress(bare, "slbf", target_size="100KB")
+    small = cnnpress.compress(bare, "slbf", target_size=2000, slice_channels=4)
+    assert small.cnnpress_arch["graph"]["modules"][1][0] == "1"  # the file will hold its graph
+
+    class Branchy(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Conv2d(1, 8, 3), torch.nn.Conv2d(8, 8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(self.a(x)) if x.mean() > 0 else x
+
+    with pytest.raises(ConfigError, match="cannot be traced"):
+        cnnpress.compress(Branchy(), "slbf", target_size="100KB")
 
 
 def test_storage_settings_are_how_save_writes_and_what_the_budget_sizes(net, smallest, tmp_path):
