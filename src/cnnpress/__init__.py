@@ -1,7 +1,7 @@
 """cnnpress: compress convolutional neural networks for memory-constrained devices.
 
-Public API: :func:`compress`, :func:`summary`, :func:`save`, :func:`load`, :mod:`models`,
-:mod:`methods`.
+Public API: :func:`compress`, :func:`summary`, :func:`save`, :func:`load`, :func:`export_c`,
+:mod:`models`, :mod:`methods`.
 """
 
 from __future__ import annotations
@@ -11,11 +11,13 @@ from cnnpress.api import compress
 from cnnpress.cost import summary
 from cnnpress.errors import CnnpressError
 from cnnpress.format import load, save
+from cnnpress.runtime import export_c
 
 __all__ = [
     "CnnpressError",
     "compress",
     "data",
+    "export_c",
     "load",
     "methods",
     "models",

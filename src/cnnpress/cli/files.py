@@ -19,6 +19,7 @@ from cnnpress.cost import summary
 from cnnpress.data import DatasetSpec, Loader, get_spec, load_dataset
 from cnnpress.errors import CnnpressError
 from cnnpress.format import read_info
+from cnnpress.runtime.c_export import export_c
 from cnnpress.runtime.onnx import export_onnx
 from cnnpress.train.fits import check_fits
 from cnnpress.train.loop import PLAIN, evaluate
@@ -123,8 +124,10 @@ def cmd_predict(args: argparse.Namespace, console: Console, err: Console) -> dic
 
 
 def cmd_export(args: argparse.Namespace, console: Console, err: Console) -> dict:
-    """``cnnpress export``: an ONNX graph of a model file."""
+    """``cnnpress export``: an ONNX graph or a C99 program of a model file."""
     model, meta = load_model(args.model_file)
+    if getattr(args, "c_dir", None):
+        return _export_c(args, console, model, meta)
     out = export_onnx(model, args.onnx, _input_shape(args, meta), mode=args.mode)
     cnnp = meta.get("file")  # the .cnnp it came from (none for a checkpoint)
     result = {
@@ -138,5 +141,26 @@ def cmd_export(args: argparse.Namespace, console: Console, err: Console) -> dict
         beside = f"; the .cnnp holds {result['cnnp_bytes']:,}" if cnnp else ""
         console.print(
             f"wrote {out} ({result['bytes']:,} bytes, SLBF as {args.mode}{beside})", **PLAIN
+        )
+    return result
+
+
+def _export_c(args: argparse.Namespace, console: Console, model: Any, meta: dict) -> dict:
+    """``cnnpress export --c DIR``: the C program, its flash and RAM beside the file's bytes."""
+    info = export_c(model, args.c_dir, _input_shape(args, meta))
+    cnnp = meta.get("file")
+    result = {
+        "model_file": args.model_file,
+        "c_dir": args.c_dir,
+        "cnnp_bytes": Path(cnnp).stat().st_size if cnnp else None,
+        **info,
+    }
+    if not args.json:
+        beside = f"; the .cnnp holds {result['cnnp_bytes']:,}" if cnnp else ""
+        console.print(
+            f"wrote {args.c_dir}: {info['const_bytes']:,} bytes of weights{beside}; RAM "
+            f"{info['ram_bytes']:,} bytes (arena {info['arena_bytes']:,}, scratch "
+            f"{info['scratch_bytes']:,}); build: cc -std=c99 -O2 *.c -lm",
+            **PLAIN,
         )
     return result

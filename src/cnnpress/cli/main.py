@@ -112,9 +112,15 @@ def _file_commands(sub: Any) -> None:
     p.add_argument("--limit", type=int, default=20, help="rows to print")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("export", help="export a model file to ONNX")
+    p = sub.add_parser("export", help="export a model file to ONNX or to a C99 program")
     p.add_argument("model_file", help="model.cnnp file or run folder")
-    p.add_argument("--onnx", required=True, help="output .onnx path")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--onnx", help="output .onnx path")
+    target.add_argument(
+        "--c", dest="c_dir", metavar="DIR",
+        help="folder for a C99 program that keeps the packed weights (model.c, cnnpress_rt.c, "
+        "main.c; cc -std=c99 -O2 *.c -lm)",
+    )
     p.add_argument("--input-shape", help="C,H,W (default: the dataset's)")
     p.add_argument(
         "--mode",

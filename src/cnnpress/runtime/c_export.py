@@ -1,0 +1,308 @@
+"""A self-contained C99 inference program of a model that keeps the packed weights.
+
+:func:`export_c` writes ``model.c`` / ``model.h`` (every array the ``.cnnp`` file stores, as
+``const`` bytes equal to the file's: SLBF bank and selection bits, binary signs and scales,
+sparse positions and values, k-means indices and codebooks, floats as float32, float16 or int8
+with their scales; the operations as constant descriptors; one static arena), the reference
+kernels ``cnnpress_rt.c`` / ``cnnpress_rt.h`` and ``main.c`` (N float32 inputs on stdin, N x K
+float32 logits on stdout). ``int cnnp_predict(const float *input, float *logits)`` allocates
+nothing and reads no file. Build: ``cc -std=c99 -O2 -Wall -Wextra -Werror *.c -lm``.
+
+:func:`c_memory` gives the two numbers a device needs: flash (the const bytes, per layer) and
+RAM (the arena the liveness plan sizes, plus the kernels' scratch).
+
+Not kept: the Huffman coding of index streams (``entropy``): the program stores those streams
+bit-packed at their width, as the file does without ``entropy``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import shutil
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from cnnpress.atomic import atomic_write_bytes
+from cnnpress.errors import CnnpressError
+from cnnpress.format.layout import encode, layout
+from cnnpress.methods.slbf import set_path
+from cnnpress.models import from_arch
+from cnnpress.models.graph import trace
+from cnnpress.runtime.c_lower import Lowerer
+from cnnpress.runtime.c_plan import ARENA, INPUT, LOGITS, Op, Plan, View, place
+
+__all__ = ["RUNTIME_FILES", "CProgram", "c_memory", "export_c"]
+
+RUNTIME_FILES = ("cnnpress_rt.c", "cnnpress_rt.h", "main.c")
+_STRUCT = {"conv": "cnnp_conv_t", "epi": "cnnp_epi_t", "binary": "cnnp_binary_t",
+           "ewise": "cnnp_ewise_t", "copy": "cnnp_copy_t", "fill": "cnnp_fill_t",
+           "pool": "cnnp_pool_t"}
+_BASE = {ARENA: 0, INPUT: 1, LOGITS: 2}  # cnnpress_rt.h: CNNP_ARENA, CNNP_INPUT, CNNP_LOGITS
+#: Fields the C structs keep in 16 bits.
+_SHORT = {"c", "h", "w", "n", "oh", "ow", "kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw",
+          "groups", "d", "m", "scale_n"}
+_ORDER = {
+    "conv": ("c", "h", "w", "n", "oh", "ow", "kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw",
+             "groups", "kind", "wt", "code", "code_bits", "pos", "pos_bits", "pos_count", "kept",
+             "sel", "d", "m", "scale", "scale_n", "bias"),
+    "epi": ("c", "plane"),
+    "binary": ("op", "ndim", "b_const", "b_value", "shape", "sa", "sb", "channels"),
+    "ewise": ("op", "b_const", "n", "channels", "b_value"),
+    "copy": ("ndim", "shape", "sx", "sy"),
+    "fill": ("n", "value"),
+    "pool": ("kind", "c", "h", "w", "oh", "ow", "kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw",
+             "count_include_pad"),
+}
+
+
+def storage_settings(model: nn.Module) -> tuple[int, bool]:
+    """``(float_bits, fold_batchnorm)`` the model's file keeps (what a save would write)."""
+    storage = getattr(model, "cnnpress_storage", None)
+    if storage:
+        return int(storage.get("float_bits", 32)), bool(storage.get("fold_batchnorm", False))
+    config = (getattr(model, "cnnpress_method", None) or {}).get("config") or {}
+    return int(config.get("float_bits", 32)), bool(config.get("fold_batchnorm", False))
+
+
+def graph_of(model: nn.Module) -> dict[str, Any]:
+    """The model's graph: its recorded one, the registry architecture's, or traced."""
+    arch = getattr(model, "cnnpress_arch", None)
+    if arch and "graph" in arch:
+        return arch["graph"]
+    return trace(from_arch(arch) if arch else model)
+
+
+class CProgram:
+    """A model planned for the C runtime: arrays, operations, arena (see the module doc)."""
+
+    def __init__(self, model: nn.Module, input_shape: tuple[int, int, int]) -> None:
+        if not isinstance(model, nn.Module):
+            raise CnnpressError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        shape = tuple(input_shape)
+        if len(shape) != 3 or not all(isinstance(v, int) and v > 0 for v in shape):
+            raise CnnpressError(f"input_shape must be (C, H, W), positive ints; got {shape!r}")
+        self.input_shape = shape
+        self.float_bits, fold = storage_settings(model)
+        work = copy.deepcopy(model).to("cpu").float().eval()
+        set_path(work, "dense")  # the real values come from PyTorch's plain path
+        self.arrays: dict[tuple[str, str], tuple[str, bytes, tuple[int, ...]]] = {}
+        for e in layout(work, self.float_bits, with_values=True, fold_batchnorm=fold):
+            self.arrays[(e.module, e.name)] = (e.encoding, encode(e), e.shape)
+        self.plan = Plan(graph_of(model), shape)
+        try:
+            self.plan.run(work, Lowerer(work, self.arrays))
+        except RuntimeError as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise CnnpressError(f"input_shape {shape} does not fit the model: {first}") from err
+        self.arena = place(self.plan.storages)
+        self.scratch = max([op.scratch for op in self.plan.ops] + [0])
+        used = {k for op in self.plan.ops for k in _keys(op)}
+        self.offsets: dict[tuple[str, str], int] = {}
+        blob = []
+        for key, (_, data, _) in self.arrays.items():
+            if key in used:
+                self.offsets[key] = sum(len(b) for b in blob)
+                blob.append(data)
+        self.blob = b"".join(blob)
+        for op in self.plan.ops:
+            _simplify(op)
+
+    # -- figures ------------------------------------------------------------------------------
+    def memory(self) -> dict[str, Any]:
+        """Flash (const bytes of the weights, per layer) and RAM (arena and scratch bytes)."""
+        layers: dict[str, int] = {}
+        for module, name in self.offsets:
+            layers[module] = layers.get(module, 0) + len(self.arrays[(module, name)][1])
+        const = sum(layers.values())
+        return {
+            "layers": [{"layer": k, "const_bytes": v} for k, v in layers.items()],
+            "const_bytes": const,
+            "ops": len(self.plan.ops),
+            "arena_bytes": 4 * max(1, self.arena),
+            "scratch_bytes": 4 * max(1, self.scratch),
+            "ram_bytes": 4 * (max(1, self.arena) + max(1, self.scratch)),
+            "input_floats": math.prod(self.input_shape),
+            "logits": self.plan.logits,
+        }
+
+    # -- C text -------------------------------------------------------------------------------
+    def ref(self, v: View | None) -> str:
+        if v is None:
+            return "0"
+        s = self.plan.storages[v.sid]
+        offset = s.offset + v.offset if s.base == ARENA else v.offset
+        return str(4 * offset + _BASE[s.base])
+
+    def value(self, v: Any) -> str:
+        if isinstance(v, View):
+            return self.ref(v)
+        if isinstance(v, tuple) and len(v) == 2 and v in self.offsets:
+            return str(self.offsets[v])
+        if v is None:
+            return "-1"
+        if isinstance(v, list):
+            return "{" + ", ".join(self.value(x) for x in v) + "}"
+        if isinstance(v, float):
+            return _float(v)
+        return str(int(v))
+
+    def op_text(self, i: int, op: Op) -> str:
+        f = op.fields
+        parts = []
+        for key in _SHORT & set(f):
+            if not -(2**15) <= int(f[key]) < 2**15:
+                raise CnnpressError(f"{op.module}: {key} = {f[key]} is too large for the C export")
+        if op.kind in ("binary", "ewise"):
+            parts += [f".a = {self.ref(f['a'])}", f".b = {self.ref(f['b'])}"]
+        elif op.kind != "fill":
+            parts.append(f".x = {self.ref(op.reads[0])}")
+        parts.append(f".y = {self.ref(op.out)}")
+        parts += [f".{k} = {self.value(f[k])}" for k in _ORDER[op.kind]]
+        if op.kind in ("conv", "epi", "binary", "ewise"):
+            e = op.epi
+            parts.append(
+                f".epi = {{{e['bn_kind']}, {e['act']}, {self.value(list(e['bn']))}, "
+                f"{_float(e['eps'])}, {_float(e['lo'])}, {_float(e['hi'])}}}"
+            )
+        where = f" /* {op.module} */" if op.module else ""
+        body = ",\n    ".join(parts)
+        return f"static const {_STRUCT[op.kind]} op{i} = {{{where}\n    {body}\n}};\n"
+
+    def model_c(self) -> str:
+        out = ['/* Written by cnnpress export --c: the weights as the .cnnp file packs them. */',
+               '#include <math.h>', '#include <stdint.h>', "", '#include "cnnpress_rt.h"',
+               '#include "model.h"', ""]
+        out.append("/* The weight arrays, one after another (byte offset: array, encoding, shape):")
+        for key, offset in self.offsets.items():
+            encoding, _, shape = self.arrays[key]
+            out.append(f" * {offset}: {key[0]}.{key[1]}, {encoding} {list(shape)}")
+        out.append(" */")
+        out.append(f"static const uint8_t weights[{max(1, len(self.blob))}] = {{")
+        out.append(_bytes(self.blob) + "\n};\n")
+        out += [self.op_text(i, op) for i, op in enumerate(self.plan.ops)]
+        out.append(f"static float arena[{max(1, self.arena)}];")
+        out.append(f"static float scratch[{max(1, self.scratch)}];")
+        out.append("")
+        out.append("int cnnp_predict(const float *input, float *logits)\n{")
+        bits = self.float_bits
+        out.append(f"    cnnp_ctx ctx = {{arena, input, logits, scratch, weights, {bits}}};")
+        for i, op in enumerate(self.plan.ops):
+            out.append(f"    cnnp_{'epilogue' if op.kind == 'epi' else op.kind}(&ctx, &op{i});")
+        out.append("    return 0;\n}\n")
+        return "\n".join(out)
+
+    def model_h(self) -> str:
+        c, h, w = self.input_shape
+        m = self.memory()
+        return "\n".join([
+            "/* Written by cnnpress export --c. */",
+            "#ifndef CNNP_MODEL_H", "#define CNNP_MODEL_H", "",
+            f"#define CNNP_INPUT_C {c}", f"#define CNNP_INPUT_H {h}", f"#define CNNP_INPUT_W {w}",
+            f"#define CNNP_INPUT_SIZE {c * h * w}", f"#define CNNP_OUTPUT_SIZE {m['logits']}",
+            f"#define CNNP_CONST_BYTES {m['const_bytes']}",
+            f"#define CNNP_ARENA_BYTES {m['arena_bytes']}",
+            f"#define CNNP_SCRATCH_BYTES {m['scratch_bytes']}", "",
+            "/* logits = model(input): CNNP_INPUT_SIZE floats (C x H x W, normalised) in,",
+            "   CNNP_OUTPUT_SIZE out. Uses one static arena: not reentrant. Returns 0. */",
+            "int cnnp_predict(const float *input, float *logits);", "", "#endif", "",
+        ])
+
+
+def c_memory(model: nn.Module, input_shape: tuple[int, int, int]) -> dict[str, Any]:
+    """The C program's flash and RAM for ``model`` (:meth:`CProgram.memory`): per layer and in
+    total the const bytes of the weights, the arena and scratch bytes."""
+    return CProgram(model, input_shape).memory()
+
+
+def export_c(
+    model: nn.Module, out_dir: str | Path, input_shape: tuple[int, int, int]
+) -> dict[str, Any]:
+    """Write the C program of ``model`` into ``out_dir`` (made if missing; see the module doc).
+
+    Returns:
+        :func:`c_memory`'s figures with ``files``: the paths written.
+
+    Raises:
+        CnnpressError: A layer or operation without a C kernel (named), a bad input shape, or
+            an ``out_dir`` that is a file.
+    """
+    program = CProgram(model, input_shape)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise CnnpressError(f"{out} is a file; give the folder to write the C program into")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / "model.c", program.model_c().encode())
+    atomic_write_bytes(out / "model.h", program.model_h().encode())
+    source = resources.files("cnnpress.runtime") / "csrc_c"
+    for name in RUNTIME_FILES:
+        with resources.as_file(source / name) as path:
+            shutil.copyfile(path, out / name)
+    return {**program.memory(), "files": [str(out / n) for n in ("model.c", "model.h",
+                                                                   *RUNTIME_FILES)]}
+
+
+def _keys(op: Op) -> list[tuple[str, str]]:
+    found = [v for v in op.fields.values() if isinstance(v, tuple) and len(v) == 2
+             and isinstance(v[0], str)]
+    return found + [k for k in op.epi.get("bn", []) if k is not None]
+
+
+def _coalesce(shape: list[int], strides: list[list[int]]) -> tuple[list[int], list[list[int]]]:
+    """The same walk over fewer dimensions: size-1 ones dropped, neighbours merged where
+    every stride list steps over them as one (the output is row-major)."""
+    dims = [i for i, size in enumerate(shape) if size != 1]
+    out_shape: list[int] = []
+    out_strides: list[list[int]] = [[] for _ in strides]
+    for i in dims:
+        if out_shape and all(st[i] * shape[i] == o[-1] for st, o in zip(strides, out_strides,
+                                                                          strict=True)):
+            out_shape[-1] *= shape[i]
+            for st, o in zip(strides, out_strides, strict=True):
+                o[-1] = st[i]
+            continue
+        out_shape.append(shape[i])
+        for st, o in zip(strides, out_strides, strict=True):
+            o.append(st[i])
+    if not out_shape:
+        return [1], [[1] for _ in strides]
+    return out_shape, out_strides
+
+
+def _simplify(op: Op) -> None:
+    """Copies and elementwise ops over as few dimensions as they need; a contiguous
+    elementwise op becomes the plain ``ewise`` kernel."""
+    f = op.fields
+    if op.kind == "copy":
+        f["shape"], (f["sx"], f["sy"]) = _coalesce(f["shape"], [f["sx"], f["sy"]])
+        f["ndim"] = len(f["shape"])
+    elif op.kind == "binary":
+        shape, (sa, sb) = _coalesce(f["shape"], [f["sa"], f["sb"]])
+        f.update(shape=shape, sa=sa, sb=sb, ndim=len(shape))
+        if len(shape) == 1 and sa == [1] and (f["b_const"] or sb == [1]):
+            op.kind = "ewise"
+            f["n"] = shape[0]
+    for key in ("shape", "sa", "sb", "sx", "sy"):
+        if key in f:
+            f[key] = f[key] + [0] * (6 - len(f[key]))
+
+
+def _float(v: float) -> str:
+    if math.isnan(v):
+        return "NAN"
+    if math.isinf(v):
+        return "INFINITY" if v > 0 else "-INFINITY"
+    text = f"{float(np.float32(v)):.9g}"
+    return text + ("f" if "." in text or "e" in text else ".0f")
+
+
+def _bytes(data: bytes) -> str:
+    if not data:
+        return "0"
+    hexes = [str(b) for b in data]
+    return ",\n".join(",".join(hexes[i : i + 24]) for i in range(0, len(hexes), 24))
+

@@ -1,0 +1,325 @@
+"""Each graph node as calls of the C runtime's kernels (:class:`Lowerer`, used by
+:meth:`cnnpress.runtime.c_plan.Plan.run`).
+
+The compressed layers map to the conv kernel's weight kinds: ``nn.Conv2d`` / ``nn.Linear``
+dense (floats as the file keeps them), BinaryConnect and BWN signs with their scale, magnitude
+pruning's kept values and positions, k-means indices into the codebook (with positions when
+pruned first), SLBF bank bits and selections. Anything else is refused in one line.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from cnnpress.geometry import numeric_padding, pair
+from cnnpress.methods.binary import BinaryConv2d, BinaryLinear
+from cnnpress.methods.kmeans import KMeansLayer
+from cnnpress.methods.prune import MaskedLayer
+from cnnpress.methods.slbf import SLBFConv2d, SLBFLinear, index_bits
+from cnnpress.models.graph import FUNCTIONS
+from cnnpress.runtime.c_plan import ExportError, Op, Plan, View, movement_fn
+
+__all__ = ["SUPPORTED", "Lowerer", "no_epi"]
+
+#: What the C runtime runs, for messages.
+SUPPORTED = "fp32/float16/int8 layers, slbf, bwn, binaryconnect, magnitude_prune, kmeans"
+CONV_TYPES = (nn.Conv2d, nn.Linear, SLBFConv2d, SLBFLinear, BinaryConv2d, BinaryLinear,
+              MaskedLayer, KMeansLayer)
+ACT_FUNCS = {"F.relu", "torch.relu", "F.relu6", "F.hardtanh"}
+BINARY = {"add": 0, "torch.add": 0, "sub": 1, "mul": 2}
+POOL_FUNCS = {
+    "F.max_pool2d": ("kernel_size", "stride", "padding", "dilation", "ceil_mode",
+                     "return_indices"),
+    "F.avg_pool2d": ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+                     "divisor_override"),
+    "F.adaptive_avg_pool2d": ("output_size",),
+    "F.adaptive_max_pool2d": ("output_size",),
+}
+POOL_KIND = {"F.max_pool2d": 0, "F.avg_pool2d": 1, "F.adaptive_avg_pool2d": 2,
+             "F.adaptive_max_pool2d": 3, nn.MaxPool2d: 0, nn.AvgPool2d: 1,
+             nn.AdaptiveAvgPool2d: 2, nn.AdaptiveMaxPool2d: 3}
+
+
+def no_epi() -> dict[str, Any]:
+    """An epilogue that does nothing."""
+    return {"bn_kind": 0, "bn": [None] * 4, "eps": 0.0, "act": 0, "lo": 0.0, "hi": 0.0}
+
+
+def _bind(names: tuple[str, ...], args: list[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    bound = dict(zip(names, args, strict=False))
+    bound.update(kwargs)
+    return bound
+
+
+class Lowerer:
+    """Turns nodes into :class:`Op` s; ``arrays`` holds the file's arrays by (module, name)."""
+
+    def __init__(self, model: nn.Module, arrays: dict[tuple[str, str], Any]) -> None:
+        self.model, self.arrays = model, arrays
+
+    def key(self, module: str, name: str) -> tuple[str, str] | None:
+        return (module, name) if (module, name) in self.arrays else None
+
+    def __call__(self, plan: Plan, index: int, node: list[Any], args: list[Any],
+                 kwargs: dict[str, Any]) -> tuple[Any, Any]:
+        op, target, raw_args, raw_kwargs = node
+        with torch.no_grad():
+            if op == "module":
+                module = self.model.get_submodule(target)
+                value = module(*args, **kwargs)
+                return value, self.module(plan, index, target, module, raw_args, value)
+            fn = FUNCTIONS[target] if op == "function" else None
+            value = fn(*args, **kwargs) if fn else getattr(args[0], target)(*args[1:], **kwargs)
+        if not _has_tensor(value):
+            return value, None
+        moves = movement_fn(op, target)
+        if moves is not None:
+            return value, plan.movement(moves, raw_args, raw_kwargs, index)
+        return value, self.function(plan, index, op, target, raw_args, raw_kwargs, value)
+
+    # -- modules ------------------------------------------------------------------------------
+    def module(self, plan: Plan, index: int, name: str, module: nn.Module, raw_args: list[Any],
+               value: Any) -> View:
+        if isinstance(module, CONV_TYPES):
+            return self.conv(plan, name, module, plan.arg_view(raw_args[0]), value)
+        if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            return self.epilogue(plan, index, raw_args[0], self.batchnorm(name, module), name)
+        if isinstance(module, (nn.ReLU, nn.ReLU6, nn.Hardtanh)):
+            lo, hi = (0.0, math.inf) if isinstance(module, nn.ReLU) else (
+                module.min_val, module.max_val)
+            return self.epilogue(plan, index, raw_args[0], _act(lo, hi), name)
+        if isinstance(module, (nn.Identity, nn.Dropout)):
+            return plan.arg_view(raw_args[0])
+        if isinstance(module, nn.Flatten):
+            return plan.movement(module, raw_args, {}, index)
+        if type(module) in POOL_KIND:
+            settings = {k: getattr(module, k, None) for k in POOL_FUNCS["F.max_pool2d"]
+                        + POOL_FUNCS["F.avg_pool2d"]}
+            return self.pool(plan, POOL_KIND[type(module)], raw_args[0], settings, value, name)
+        raise ExportError(
+            f"layer {name} ({type(module).__name__}) has no C kernel; the C export runs "
+            f"{SUPPORTED}"
+        )
+
+    def batchnorm(self, name: str, bn: nn.Module) -> dict[str, Any]:
+        if bn.running_mean is None:
+            raise ExportError(f"{name}: a BatchNorm without running statistics has no C kernel")
+        if self.key(name, "scale"):
+            return {"bn_kind": 1, "bn": [(name, "scale"), (name, "shift"), None, None],
+                    "eps": 0.0}
+        keys = [self.key(name, k) for k in ("weight", "bias", "running_mean", "running_var")]
+        return {"bn_kind": 2, "bn": keys, "eps": float(bn.eps)}
+
+    def conv(self, plan: Plan, name: str, m: nn.Module, x: View, value: torch.Tensor) -> View:
+        x = plan.contiguous(x, name)
+        f = self.geometry(name, m, x, tuple(value.shape))
+        f.update(self.weights(name, m, f))
+        out = plan.new_storage(tuple(value.shape))
+        op = plan.add(Op("conv", f, [x], out, name, scratch=f.pop("scratch", 0), epi=no_epi()))
+        plan.owner[plan.nodes[plan.step][0]] = op
+        return out
+
+    def geometry(self, name: str, m: nn.Module, x: View, out: tuple[int, ...]) -> dict[str, Any]:
+        if not hasattr(m, "kernel_size") or isinstance(m, (SLBFLinear, BinaryLinear)) or (
+            hasattr(m, "is_conv") and not m.is_conv
+        ):
+            features = x.shape[-1]
+            if x.numel != features:
+                raise ExportError(f"{name}: the C linear kernel takes one vector per image")
+            g = dict(c=features, h=1, w=1, n=out[-1], oh=1, ow=1, kh=1, kw=1, sh=1, sw=1,
+                     ph=0, pw=0, dh=1, dw=1, groups=1)
+            return g
+        if len(x.shape) != 4 or getattr(m, "padding_mode", "zeros") != "zeros":
+            raise ExportError(f"{name}: the C conv kernel takes N x C x H x W and zero padding")
+        padding = numeric_padding(m) if isinstance(m.padding, str) else pair(m.padding)
+        if padding is None:
+            raise ExportError(f"{name}: uneven 'same' padding has no C kernel")
+        (kh, kw), (sh, sw), (dh, dw) = pair(m.kernel_size), pair(m.stride), pair(m.dilation)
+        return dict(c=x.shape[1], h=x.shape[2], w=x.shape[3], n=out[1], oh=out[2], ow=out[3],
+                    kh=kh, kw=kw, sh=sh, sw=sw, ph=padding[0], pw=padding[1], dh=dh, dw=dw,
+                    groups=getattr(m, "groups", 1))
+
+    def weights(self, name: str, m: nn.Module, g: dict[str, Any]) -> dict[str, Any]:
+        k = self.key
+        f = dict(kind=0, wt=None, code=None, code_bits=0, pos=None, pos_bits=0, pos_count=0,
+                 kept=0, sel=None, d=0, m=0, scale=None, scale_n=0, bias=k(name, "bias"))
+        if isinstance(m, (SLBFConv2d, SLBFLinear)):
+            s = m.num_slices
+            f.update(kind=4, code=k(name, "bank"), sel=k(name, "indices"),
+                     code_bits=index_bits(m.num_filters), d=m.slice_channels, m=m.num_filters,
+                     scale=k(name, "scale"), scale_n=g["n"] if m.has_scale else 0,
+                     scratch=s * m.num_filters + m.slice_channels * g["kh"] * g["kw"])
+        elif isinstance(m, (BinaryConv2d, BinaryLinear)):
+            if m.binarize_input:
+                raise ExportError(f"{name}: XNOR's binary inputs have no C kernel ({SUPPORTED})")
+            scale = k(name, "alpha") or k(name, "scale")
+            f.update(kind=1, code=k(name, "sign"), scale=scale,
+                     scale_n=0 if scale is None else g["n"] if m.has_alpha else 1)
+        elif isinstance(m, (MaskedLayer, KMeansLayer)):
+            if m.record is not None:
+                kept, bits, entries = m.record
+                f.update(pos=k(name, "positions"), pos_bits=bits, pos_count=entries, kept=kept)
+            if isinstance(m, KMeansLayer):
+                f.update(kind=3, wt=k(name, "codebook"), code=k(name, "indices"), code_bits=m.bits)
+            else:
+                f.update(kind=2, wt=k(name, "values"))
+        elif type(m) in (nn.Conv2d, nn.Linear):
+            f.update(kind=0, wt=k(name, "weight"))
+        else:
+            raise ExportError(f"layer {name} ({type(m).__name__}) has no C kernel ({SUPPORTED})")
+        return f
+
+    # -- epilogues: batch norm and activations, fused where they can be -----------------------
+    def epilogue(self, plan: Plan, index: int, arg: Any, part: dict[str, Any], name: str) -> View:
+        """Batch norm or an activation (``part``): fused into the op that made its input
+        when nothing else reads that (batch norm into a conv or an addition only), else an
+        epilogue op of its own, in place where its input dies here."""
+        source = arg["node"] if isinstance(arg, dict) else None
+        owner = plan.owner.get(source)
+        x = plan.arg_view(arg)
+        is_bn = "bn_kind" in part and part["bn_kind"] != 0
+        fusable = owner is not None and plan.users.get(source) == [index] and (
+            owner.epi["act"] == 0) and (
+            not is_bn or (owner.kind in ("conv", "binary") and owner.epi["bn_kind"] == 0))
+        if fusable:
+            owner.epi.update(part)
+            plan.owner[plan.nodes[index][0]] = owner
+            return x
+        x = plan.contiguous(x, name)
+        channels = x.shape[1] if is_bn and len(x.shape) >= 2 else 1
+        out = x if plan.dies_here(x, index) else plan.new_storage(x.shape)
+        fields = {"c": channels, "plane": x.numel // channels}
+        op = plan.add(Op("epi", fields, [x], out, name, epi={**no_epi(), **part}))
+        plan.owner[plan.nodes[index][0]] = op
+        return out
+
+    # -- functions and methods ----------------------------------------------------------------
+    def function(self, plan: Plan, index: int, op: str, target: str, args: list[Any],
+                 kwargs: dict[str, Any], value: Any) -> View:
+        if target in ACT_FUNCS or (op == "method" and target == "relu"):
+            if target == "F.hardtanh":
+                b = _bind(("input", "min_val", "max_val"), args, kwargs)
+                lo, hi = float(b.get("min_val", -1.0)), float(b.get("max_val", 1.0))
+            else:
+                lo, hi = 0.0, 6.0 if target == "F.relu6" else math.inf
+            return self.epilogue(plan, index, args[0], _act(lo, hi), target)
+        if target in BINARY or (op == "method" and target in ("add", "mul")):
+            if "alpha" in kwargs or len(args) > 2:
+                raise ExportError(f"{target} with alpha has no C kernel")
+            return self.binary(plan, index, BINARY.get(target, 0), args, value)
+        if target in POOL_FUNCS:
+            settings = _bind(("input", *POOL_FUNCS[target]), args, kwargs)
+            return self.pool(plan, POOL_KIND[target], args[0], settings, value, target)
+        if target == "torch.cat":
+            return self.cat(plan, args, kwargs, value)
+        if target == "F.pad":
+            return self.pad(plan, args, kwargs, value)
+        if op == "method" and target == "mean":
+            return self.mean(plan, args, kwargs, value)
+        raise ExportError(f"the operation {target} has no C kernel in cnnpress's C export")
+
+    def binary(self, plan: Plan, index: int, code: int, args: list[Any], value: Any) -> View:
+        shape = tuple(value.shape)
+        tensors = [isinstance(a, dict) and "node" in a and isinstance(plan.views.get(a["node"]),
+                                                                        View) for a in args]
+        if not tensors[0]:
+            if code == 1 or not tensors[1]:
+                raise ExportError("a constant minus a tensor has no C kernel")
+            args = [args[1], args[0]]
+        if len(shape) > 6:
+            raise ExportError(f"an elementwise operation on {len(shape)} dimensions (at most 6)")
+        a = plan.arg_view(args[0])
+        b = plan.arg_view(args[1]) if all(tensors) else None
+        sa = plan.view_of(plan.dummy(a).broadcast_to(shape)).strides
+        sb = plan.view_of(plan.dummy(b).broadcast_to(shape)).strides if b else (0,) * len(shape)
+        inplace = a.contiguous and a.shape == shape and plan.dies_here(a, index) and (
+            b is None or b.sid != a.sid or b == a)
+        out = a if inplace else plan.new_storage(shape)
+        const = None if b else float(plan.stand_in(args[1]))
+        fields = {"op": code, "ndim": len(shape), "b_const": int(b is None),
+                  "b_value": const or 0.0, "shape": list(shape), "sa": list(sa), "sb": list(sb),
+                  "channels": shape[1] if len(shape) >= 2 else 1, "a": a, "b": b}
+        node = plan.add(Op("binary", fields, [a] + ([b] if b else []), out, "", epi=no_epi()))
+        plan.owner[plan.nodes[index][0]] = node
+        return out
+
+    def pool(self, plan: Plan, kind: int, arg: Any, s: dict[str, Any], value: Any,
+             name: str) -> View:
+        x = plan.contiguous(plan.arg_view(arg), name)
+        if len(x.shape) != 4 or s.get("return_indices") or s.get("divisor_override"):
+            raise ExportError(f"{name}: the C pooling kernel takes N x C x H x W, no indices")
+        out = plan.new_storage(tuple(value.shape))
+        kh, kw = pair(s.get("kernel_size") or 1)
+        stride = s.get("stride") or (kh, kw)
+        (sh, sw), (ph, pw) = pair(stride), pair(s.get("padding") or 0)
+        dh, dw = pair(s.get("dilation") or 1)
+        include = s.get("count_include_pad")
+        fields = dict(kind=kind, c=x.shape[1], h=x.shape[2], w=x.shape[3], oh=value.shape[2],
+                      ow=value.shape[3], kh=kh, kw=kw, sh=sh, sw=sw, ph=ph, pw=pw, dh=dh, dw=dw,
+                      count_include_pad=int(True if include is None else include))
+        plan.add(Op("pool", fields, [x], out, name))
+        return out
+
+    def mean(self, plan: Plan, args: list[Any], kwargs: dict[str, Any], value: Any) -> View:
+        x = plan.contiguous(plan.arg_view(args[0]))
+        b = _bind(("self", "dim", "keepdim"), args, kwargs)
+        dims = b.get("dim")
+        dims = list(range(len(x.shape))) if dims is None else dims
+        dims = sorted(d % len(x.shape) for d in ([dims] if isinstance(dims, int) else dims))
+        if dims != list(range(len(x.shape) - len(dims), len(x.shape))) or b.get("dtype"):
+            raise ExportError("mean over other than the last dimensions has no C kernel")
+        inner = math.prod(x.shape[d] for d in dims)
+        out = plan.new_storage(tuple(value.shape))
+        fields = dict(kind=2, c=x.numel // inner, h=inner, w=1, oh=1, ow=1, kh=1, kw=1, sh=1,
+                      sw=1, ph=0, pw=0, dh=1, dw=1, count_include_pad=1)
+        plan.add(Op("pool", fields, [x], out, "mean"))
+        return out
+
+    def cat(self, plan: Plan, args: list[Any], kwargs: dict[str, Any], value: Any) -> View:
+        b = _bind(("tensors", "dim"), args, kwargs)
+        parts = b["tensors"]
+        parts = parts.get("tuple") if isinstance(parts, dict) else parts
+        dim = int(b.get("dim", 0)) % value.dim()
+        out = plan.new_storage(tuple(value.shape))
+        start = 0
+        for part in parts:
+            v = plan.arg_view(part)
+            region = plan.view_of(plan.dummy(out).narrow(dim, start, v.shape[dim]))
+            plan.add(Op("copy", _copy(v, region), [v], region, "cat"))
+            start += v.shape[dim]
+        return out
+
+    def pad(self, plan: Plan, args: list[Any], kwargs: dict[str, Any], value: Any) -> View:
+        b = _bind(("input", "pad", "mode", "value"), args, kwargs)
+        x, pads = plan.arg_view(b["input"]), list(plan.stand_in(b["pad"]))
+        if b.get("mode", "constant") != "constant" or min(pads) < 0:
+            raise ExportError("F.pad has a C kernel for constant, non-negative padding only")
+        out = plan.new_storage(tuple(value.shape))
+        fill = float(b.get("value") or 0.0)
+        plan.add(Op("fill", {"n": out.numel, "value": fill}, [], out, "pad"))
+        region = plan.dummy(out)
+        for i in range(len(pads) // 2):
+            dim = value.dim() - 1 - i
+            region = region.narrow(dim, pads[2 * i], x.shape[dim])
+        inner = plan.view_of(region)
+        plan.add(Op("copy", _copy(x, inner), [x], inner, "pad"))
+        return out
+
+
+def _copy(src: View, dst: View) -> dict[str, Any]:
+    return {"shape": list(src.shape), "sx": list(src.strides), "sy": list(dst.strides)}
+
+
+def _act(lo: float, hi: float) -> dict[str, Any]:
+    act = 1 if (lo == 0.0 and hi == math.inf) else 2
+    return {"act": act, "lo": float(lo), "hi": float(hi)}
+
+
+def _has_tensor(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    return isinstance(value, (tuple, list)) and any(_has_tensor(v) for v in value)
