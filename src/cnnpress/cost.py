@@ -50,6 +50,7 @@ class SummaryRow:
     adds: int
     compressed: bool
     file_bytes: int | None = None
+    flash_bytes: int | None = None  # of the C program (export --c): weights and descriptors
 
     @property
     def ratio(self) -> float:
@@ -68,6 +69,18 @@ class Summary:
     totals: dict[str, Any]
     input_shape: tuple[int, ...]
     file: dict[str, Any] | None = None
+    device: dict[str, Any] | None = None
+
+    def attach_device(self, memory: dict[str, Any]) -> None:
+        """Add the C program's flash and RAM (``cnnpress.runtime.c_memory``): ``flash_bytes``
+        per row (its weights and its operations' descriptors) and ``self.device``, the totals
+        (flash: weights, descriptors; RAM: arena, scratch); ``{"error": why}`` where the
+        model has no C program."""
+        per_layer = {r["layer"]: r["const_bytes"] + r["descriptor_bytes"]
+                     for r in memory.get("layers", [])}
+        for r in self.rows:
+            r.flash_bytes = per_layer.get(r.name, 0) if "error" not in memory else None
+        self.device = {k: v for k, v in memory.items() if k not in ("layers", "files")}
 
     def attach_file(self, info: dict[str, Any]) -> None:
         """Add the real file's byte counts (from ``cnnpress.format.read_info``).
@@ -99,6 +112,7 @@ class Summary:
             "rows": [r.to_dict() for r in self.rows],
             "totals": self.totals,
             "file": self.file,
+            "device": self.device,
         }
 
     def table(self) -> Table:
@@ -114,7 +128,7 @@ class Summary:
             "MACs",
             "binary MACs",
             "adds",
-        ] + (["file bytes"] if self.file else [])
+        ] + (["file bytes"] if self.file else []) + (["flash bytes"] if self._flash else [])
         for col in cols:
             t.add_column(col, justify="left" if col in ("layer", "kind") else "right")
 
@@ -130,14 +144,18 @@ class Summary:
                 f"{r['binary_macs']:,}",
                 f"{r['adds']:,}",
             ]
-            t.add_row(*cells, *([fb] if self.file else []), **kw)
+            flash = kw.pop("flash", "")
+            t.add_row(*cells, *([fb] if self.file else []), *([flash] if self._flash else []),
+                      **kw)
 
         for r in self.rows:
-            add(r.name, r.kind, f"{r.weights:,}", r.to_dict(), f"{r.file_bytes or 0:,}")
+            add(r.name, r.kind, f"{r.weights:,}", r.to_dict(), f"{r.file_bytes or 0:,}",
+                flash=f"{r.flash_bytes or 0:,}")
         tot = self.totals
         t.add_section()
         fb = f"{self.file['payload_bytes']:,}" if self.file else ""
-        add("total", "", f"{tot['weights']:,}", tot, fb, style="bold")
+        flash = f"{self.device['flash_bytes']:,}" if self._flash else ""
+        add("total", "", f"{tot['weights']:,}", tot, fb, style="bold", flash=flash)
         if tot["compressed_layers"]:
             t.add_row(
                 "compressed layers",
@@ -155,7 +173,24 @@ class Summary:
                 f"fp32 parameters {f['fp32_bytes']:,.0f} bytes; compression ratio "
                 f"{f['ratio']:.1f}x (payload only {f['payload_ratio']:.1f}x)"
             )
+        if self.device:
+            t.caption = ((t.caption or "") + "\n" + self._device_line()).strip()
         return t
+
+    @property
+    def _flash(self) -> bool:
+        return bool(self.device) and "error" not in self.device
+
+    def _device_line(self) -> str:
+        d = self.device or {}
+        if "error" in d:
+            return f"C program (export --c): none ({d['error']})"
+        return (
+            f"C program (export --c): flash {d['flash_bytes']:,} bytes = weights "
+            f"{d['const_bytes']:,} + {d['ops']} operation descriptors {d['descriptor_bytes']:,} "
+            f"(+ code); RAM {d['ram_bytes']:,} bytes = arena {d['arena_bytes']:,} + scratch "
+            f"{d['scratch_bytes']:,}"
+        )
 
     def __str__(self) -> str:
         console = Console(width=160, record=True, file=open("/dev/null", "w"))  # noqa: SIM115

@@ -19,7 +19,7 @@ from cnnpress.cost import summary
 from cnnpress.data import DatasetSpec, Loader, get_spec, load_dataset
 from cnnpress.errors import CnnpressError
 from cnnpress.format import read_info
-from cnnpress.runtime.c_export import export_c
+from cnnpress.runtime.c_export import c_memory, export_c
 from cnnpress.runtime.onnx import export_onnx
 from cnnpress.train.fits import check_fits
 from cnnpress.train.loop import PLAIN, evaluate
@@ -71,7 +71,8 @@ def _input_shape(args: argparse.Namespace, meta: dict[str, Any]) -> tuple[int, i
 
 
 def cmd_summary(args: argparse.Namespace, console: Console, err: Console) -> dict:
-    """``cnnpress summary``: the per-layer cost table, with the real file's bytes."""
+    """``cnnpress summary``: the per-layer cost table, with the real file's bytes and the C
+    program's flash and RAM."""
     model, meta = load_model(args.model_file)
     shape = _input_shape(args, meta)
     path = Path(args.model_file)
@@ -81,6 +82,10 @@ def cmd_summary(args: argparse.Namespace, console: Console, err: Console) -> dic
     s = summary(model, shape, float_bits=float_bits)
     if info is not None:
         s.attach_file(info)
+    try:  # flash and RAM of the C program (export --c), where the runtime runs the model
+        s.attach_device(c_memory(model, shape))
+    except CnnpressError as why:
+        s.attach_device({"error": str(why)})
     if not args.json:
         console.print(s.table())
     return s.to_dict()

@@ -42,6 +42,10 @@ RUNTIME_FILES = ("cnnpress_rt.c", "cnnpress_rt.h", "main.c")
 _STRUCT = {"conv": "cnnp_conv_t", "epi": "cnnp_epi_t", "binary": "cnnp_binary_t",
            "ewise": "cnnp_ewise_t", "copy": "cnnp_copy_t", "fill": "cnnp_fill_t",
            "pool": "cnnp_pool_t"}
+#: sizeof of each descriptor struct (cnnpress_rt.h; only 16- and 32-bit fields, so the same
+#: on 64-bit hosts and 32-bit microcontrollers; a compiler may align each to more).
+DESCRIPTOR_BYTES = {"conv": 116, "epi": 48, "ewise": 60, "binary": 132, "copy": 84,
+                    "fill": 12, "pool": 40}
 _BASE = {ARENA: 0, INPUT: 1, LOGITS: 2}  # cnnpress_rt.h: CNNP_ARENA, CNNP_INPUT, CNNP_LOGITS
 #: Fields the C structs keep in 16 bits.
 _SHORT = {"c", "h", "w", "n", "oh", "ow", "kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw",
@@ -114,14 +118,24 @@ class CProgram:
 
     # -- figures ------------------------------------------------------------------------------
     def memory(self) -> dict[str, Any]:
-        """Flash (const bytes of the weights, per layer) and RAM (arena and scratch bytes)."""
-        layers: dict[str, int] = {}
+        """Flash: the const bytes of the weights and of the operations' descriptors, per
+        layer and in total (the code of ``cnnp_predict``, a call per operation, and of the
+        kernels comes on top); RAM: the arena and the scratch."""
+        layers: dict[str, dict[str, int]] = {}
         for module, name in self.offsets:
-            layers[module] = layers.get(module, 0) + len(self.arrays[(module, name)][1])
-        const = sum(layers.values())
+            row = layers.setdefault(module, {"const_bytes": 0, "descriptor_bytes": 0})
+            row["const_bytes"] += len(self.arrays[(module, name)][1])
+        for op in self.plan.ops:
+            row = layers.setdefault(op.module if op.module in layers else "(graph)",
+                                    {"const_bytes": 0, "descriptor_bytes": 0})
+            row["descriptor_bytes"] += DESCRIPTOR_BYTES[op.kind]
+        const = sum(r["const_bytes"] for r in layers.values())
+        descriptors = sum(r["descriptor_bytes"] for r in layers.values())
         return {
-            "layers": [{"layer": k, "const_bytes": v} for k, v in layers.items()],
+            "layers": [{"layer": k, **v} for k, v in layers.items()],
             "const_bytes": const,
+            "descriptor_bytes": descriptors,
+            "flash_bytes": const + descriptors,
             "ops": len(self.plan.ops),
             "arena_bytes": 4 * max(1, self.arena),
             "scratch_bytes": 4 * max(1, self.scratch),
