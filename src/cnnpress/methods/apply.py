@@ -53,14 +53,16 @@ def rebuild(arch: dict[str, Any], method: dict[str, Any] | None) -> nn.Module:
     """The model a file or checkpoint records (architecture: a registry name or a graph;
     method and config), with placeholder values that the caller then loads.
 
-    Initialisation from weights ("auto"/"weights") is skipped: it would cluster random
-    weights that the stored values replace anyway.
+    Initialisation from weights (SLBF's "auto"/"weights", k-means' Lloyd iterations) is
+    skipped: it would cluster random weights that the stored values replace anyway.
     """
     model = from_arch(arch)
     if method:
         config = dict(method["config"])
         if config.get("init") in ("auto", "weights"):
             config["init"] = "random"
+        if isinstance(config.get("iterations"), int):  # k-means: no clustering of placeholders
+            config["iterations"] = 0
         model = apply(model, method["name"], make_config(method["name"], config))
         model.cnnpress_method = method
     return model
