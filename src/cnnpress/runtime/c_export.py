@@ -165,7 +165,8 @@ class CProgram:
             return _float(v)
         return str(int(v))
 
-    def op_text(self, i: int, op: Op) -> str:
+    def op_text(self, op: Op) -> str:
+        """The initializer of one operation's descriptor (one element of its kind's array)."""
         f = op.fields
         parts = []
         for key in _SHORT & set(f):
@@ -184,8 +185,8 @@ class CProgram:
                 f"{_float(e['eps'])}, {_float(e['lo'])}, {_float(e['hi'])}}}"
             )
         where = f" /* {op.module} */" if op.module else ""
-        body = ",\n    ".join(parts)
-        return f"static const {_STRUCT[op.kind]} op{i} = {{{where}\n    {body}\n}};\n"
+        body = ",\n        ".join(parts)
+        return f"    {{{where}\n        {body}\n    }}"
 
     def model_c(self) -> str:
         out = ['/* Written by cnnpress export --c: the weights as the .cnnp file packs them. */',
@@ -198,15 +199,27 @@ class CProgram:
         out.append(" */")
         out.append(f"static const uint8_t weights[{max(1, len(self.blob))}] = {{")
         out.append(_bytes(self.blob) + "\n};\n")
-        out += [self.op_text(i, op) for i, op in enumerate(self.plan.ops)]
+        # the descriptors, one array per kind (arrays pack them without the alignment padding
+        # a compiler may give each object of its own)
+        index: list[str] = []
+        for kind, struct in _STRUCT.items():
+            ops = [op for op in self.plan.ops if op.kind == kind]
+            if ops:
+                out.append(f"static const {struct} {kind}_ops[{len(ops)}] = {{")
+                out.append(",\n".join(self.op_text(op) for op in ops))
+                out.append("};\n")
+        seen: dict[str, int] = {}
+        for op in self.plan.ops:
+            index.append(f"{op.kind}_ops[{seen.get(op.kind, 0)}]")
+            seen[op.kind] = seen.get(op.kind, 0) + 1
         out.append(f"static float arena[{max(1, self.arena)}];")
         out.append(f"static float scratch[{max(1, self.scratch)}];")
         out.append("")
         out.append("int cnnp_predict(const float *input, float *logits)\n{")
         bits = self.float_bits
         out.append(f"    cnnp_ctx ctx = {{arena, input, logits, scratch, weights, {bits}}};")
-        for i, op in enumerate(self.plan.ops):
-            out.append(f"    cnnp_{'epilogue' if op.kind == 'epi' else op.kind}(&ctx, &op{i});")
+        for op, where in zip(self.plan.ops, index, strict=True):
+            out.append(f"    cnnp_{'epilogue' if op.kind == 'epi' else op.kind}(&ctx, &{where});")
         out.append("    return 0;\n}\n")
         return "\n".join(out)
 
