@@ -188,7 +188,7 @@ static void cnnp_conv_slbf(const cnnp_ctx *ctx, const cnnp_conv_t *p, const floa
 {
     int s = p->c / p->d, taps = p->d * p->kh * p->kw, oh, ow, j, t, q, i;
     int32_t plane_in = (int32_t)p->h * p->w, plane = (int32_t)p->oh * p->ow;
-    float *z = ctx->scratch, *patch = ctx->scratch + s * p->m;
+    float *z = ctx->scratch, *patch = ctx->scratch + s * p->m, all;
     const uint8_t *bank = cnnp_w(ctx, p->code), *sel = cnnp_w(ctx, p->sel);
     for (oh = 0; oh < p->oh; oh++) {
         for (ow = 0; ow < p->ow; ow++) {
@@ -200,12 +200,15 @@ static void cnnp_conv_slbf(const cnnp_ctx *ctx, const cnnp_conv_t *p, const floa
                     patch[q] = in ? x[(int32_t)(j * p->d + cd) * plane_in + (int32_t)ih * p->w + iw]
                                   : 0.0f;
                 }
-                for (t = 0; t < p->m; t++) {
-                    float acc = 0.0f;
-                    int32_t b = (int32_t)t * taps;
-                    for (q = 0; q < taps; q++)
-                        acc += cnnp_bits(bank, b + q, 1) ? patch[q] : -patch[q];
-                    z[j * p->m + t] = acc;
+                all = 0.0f;
+                for (q = 0; q < taps; q++) all += patch[q];
+                for (t = 0; t < p->m; t++) { /* +-1 weights: twice the sum of the patch's
+                                              * values under 1 bits, minus the whole sum */
+                    float plus = 0.0f;
+                    uint32_t b = (uint32_t)t * (uint32_t)taps;
+                    for (q = 0; q < taps; q++, b++)
+                        if ((bank[b >> 3] >> (b & 7u)) & 1u) plus += patch[q];
+                    z[j * p->m + t] = 2.0f * plus - all;
                 }
             }
             for (i = 0; i < p->n; i++) {
