@@ -10,6 +10,7 @@ tests that compile are skipped.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shutil
@@ -293,3 +294,29 @@ def test_command_line_export_and_summary(tmp_path, capsys):
     assert f"RAM {info['ram_bytes']:,} bytes" in " ".join(capsys.readouterr().out.split())
     assert main(["export", str(path)]) == 2  # --onnx or --c
     capsys.readouterr()
+
+
+M3_TOOLS = ("arm-none-eabi-gcc", "arm-none-eabi-size", "qemu-system-arm")
+
+
+@needs_cc
+@pytest.mark.slow
+@pytest.mark.skipif(not all(shutil.which(t) for t in M3_TOOLS),
+                    reason="no gcc-arm-none-eabi / qemu-system-arm (benchmarks/cortex_m3.py "
+                    "installs them)")
+def test_emulated_cortex_m3_classifies_as_the_host(tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        "cortex_m3", Path(__file__).parents[1] / "benchmarks" / "cortex_m3.py")
+    m3 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(m3)
+    model, storage = registry_model("resnet20", "slbf", {**SLBF, "float_bits": 8,
+                                                         "fold_batchnorm": True})
+    loaded, _ = saved(model, tmp_path, **storage)
+    export_c(loaded, tmp_path / "c", SHAPE)
+    sizes = m3.build_m3(tmp_path / "c")
+    assert sizes["model_o"]["text"] >= c_memory(loaded, SHAPE)["flash_bytes"]
+    x = torch.randn(4, *SHAPE)
+    host = m3.run_host(tmp_path / "c", x)
+    got = m3.run_m3(tmp_path / "c", x, timeout=120)
+    assert (got.argmax(1) == host.argmax(1)).all()
+    assert np.abs(got - host).max() <= 1e-5 * np.abs(host).max()
