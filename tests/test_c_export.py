@@ -268,8 +268,13 @@ def test_what_has_no_kernel_is_one_line(tmp_path):
     lowrank = cnnpress.compress(cnnpress.models.create("lenet5", 1, 10), "lowrank")
     with pytest.raises(CnnpressError, match=r"no C kernel"):
         export_c(lowrank.eval(), tmp_path, SHAPE)
-    with pytest.raises(CnnpressError, match=r"input_shape"):
-        export_c(cnnpress.models.create("lenet5", 1, 10), tmp_path, (1, 28))
+    for shape in [(1, 28), (1, 28, True), None, "1,28,28"]:
+        with pytest.raises(CnnpressError, match=r"input_shape"):
+            export_c(cnnpress.models.create("lenet5", 1, 10), tmp_path, shape)
+    with pytest.raises(CnnpressError, match=r"does not fit"):
+        export_c(cnnpress.models.create("lenet5", 1, 10), tmp_path, (3, 28, 28))
+    net = cnnpress.load("pretrained:resnet20-fmnist")  # records Fashion-MNIST: 1 x 28 x 28
+    assert c_memory(net)["input_floats"] == 784
 
 
 @needs_cc

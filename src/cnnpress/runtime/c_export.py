@@ -84,13 +84,10 @@ def graph_of(model: nn.Module) -> dict[str, Any]:
 class CProgram:
     """A model planned for the C runtime: arrays, operations, arena (see the module doc)."""
 
-    def __init__(self, model: nn.Module, input_shape: tuple[int, int, int]) -> None:
+    def __init__(self, model: nn.Module, input_shape: tuple[int, int, int] | None) -> None:
         if not isinstance(model, nn.Module):
             raise CnnpressError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        shape = tuple(input_shape)
-        if len(shape) != 3 or not all(isinstance(v, int) and v > 0 for v in shape):
-            raise CnnpressError(f"input_shape must be (C, H, W), positive ints; got {shape!r}")
-        self.input_shape = shape
+        self.input_shape = shape = _input_shape(model, input_shape)
         self.float_bits, fold = storage_settings(model)
         work = copy.deepcopy(model).to("cpu").float().eval()
         set_path(work, "dense")  # the real values come from PyTorch's plain path
@@ -240,16 +237,20 @@ class CProgram:
         ])
 
 
-def c_memory(model: nn.Module, input_shape: tuple[int, int, int]) -> dict[str, Any]:
+def c_memory(
+    model: nn.Module, input_shape: tuple[int, int, int] | None = None
+) -> dict[str, Any]:
     """The C program's flash and RAM for ``model`` (:meth:`CProgram.memory`): per layer and in
     total the const bytes of the weights, the arena and scratch bytes."""
     return CProgram(model, input_shape).memory()
 
 
 def export_c(
-    model: nn.Module, out_dir: str | Path, input_shape: tuple[int, int, int]
+    model: nn.Module, out_dir: str | Path, input_shape: tuple[int, int, int] | None = None
 ) -> dict[str, Any]:
-    """Write the C program of ``model`` into ``out_dir`` (made if missing; see the module doc).
+    """Write the C program of ``model`` into ``out_dir`` (made if missing; see the module doc)
+    for inputs of ``input_shape`` (C, H, W; by default the image shape of the data set the
+    model records, as a loaded ``.cnnp`` does).
 
     Returns:
         :func:`c_memory`'s figures with ``files``: the paths written.
@@ -271,6 +272,21 @@ def export_c(
             shutil.copyfile(path, out / name)
     return {**program.memory(), "files": [str(out / n) for n in ("model.c", "model.h",
                                                                    *RUNTIME_FILES)]}
+
+
+def _input_shape(model: nn.Module, given: Any) -> tuple[int, int, int]:
+    """``given`` checked, or the recorded data set's image shape."""
+    if given is None:
+        spec = getattr(model, "cnnpress_dataset", None) or {}
+        if not spec.get("in_channels") or not spec.get("image_size"):
+            raise CnnpressError("the model records no data set: give input_shape (C, H, W)")
+        given = (spec["in_channels"], *spec["image_size"])
+    shape = tuple(given) if isinstance(given, (tuple, list)) else ()
+    if len(shape) != 3 or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape
+    ):
+        raise CnnpressError(f"input_shape must be (C, H, W), three positive ints; got {given!r}")
+    return shape  # type: ignore[return-value]
 
 
 def _keys(op: Op) -> list[tuple[str, str]]:
