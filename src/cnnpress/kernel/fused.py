@@ -159,8 +159,17 @@ def load(verbose: bool = False) -> ModuleType | None:
     return _RT.module
 
 
+def _with_venv_on_path() -> None:
+    """Put this interpreter's scripts folder on PATH: torch looks for ``ninja`` there, and
+    the ``ninja`` dependency installs it into the virtual environment, not the system."""
+    scripts = os.path.dirname(sys.executable)
+    if scripts not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
+
+
 def _build(verbose: bool) -> None:
     _RT.name = f"cnnpress_slbf_{_cpu_tag()}"
+    _with_venv_on_path()
     try:
         from torch.utils import cpp_extension
 
