@@ -27,6 +27,7 @@ import cnnpress
 from cnnpress.cli.main import main
 from cnnpress.data import get_spec, load_dataset, normalize
 from cnnpress.errors import CnnpressError
+from cnnpress.methods.slbf import SLBFLayer
 from cnnpress.runtime import c_memory, export_c
 
 CC = shutil.which("cc")
@@ -100,6 +101,10 @@ CASES = [
     ("resnet20", "magnitude_prune", {"sparsity": 0.97, "float_bits": 8, "include_linear": True}),
     ("resnet20", "kmeans", {"bits": 3}),
     ("resnet20", "kmeans", {"bits": 4, "sparsity": 0.6, "float_bits": 16}),
+    ("resnet20", "kmeans", {"bits": 4, "sparsity": 0.6, "entropy": True}),  # Huffman-coded
+    ("resnet20", "slbf", {"slice_channels": 2, "num_filters": 16, "entropy": True,
+                          "skew": True}),  # selections that Huffman coding shortens
+    ("resnet20", "magnitude_prune", {"sparsity": 0.9, "entropy": True}),
     ("lenet5", None, {"float_bits": 8}),
     ("lenet5", "slbf", {"slice_channels": 3, "num_filters": 4}),
     ("lenet5", "bwn", {"include_linear": True}),
@@ -116,9 +121,14 @@ def registry_model(name: str, method: str | None, settings: dict) -> tuple[nn.Mo
     """A small calibrated registry model, compressed by ``method``, and how to save it."""
     torch.manual_seed(0)
     model = calibrated(cnnpress.models.create(name, 1, 10, **WIDTH.get(name, {})))
-    storage = {k: settings.pop(k) for k in ("float_bits", "fold_batchnorm") if k in settings}
+    storage = {k: settings.pop(k) for k in ("float_bits", "fold_batchnorm", "entropy")
+               if k in settings}
+    skew = settings.pop("skew", False)
     if method is not None:
         model = cnnpress.compress(model, method, **settings, **storage).eval()
+    for m in model.modules():
+        if skew and isinstance(m, SLBFLayer):  # most selections pick bank filter 0
+            m.selection.copy_(torch.where(torch.rand(m.selection.shape) < 0.7, 0, m.selection))
     return model, storage
 
 
@@ -128,6 +138,10 @@ def test_registry_models_match_pytorch(tmp_path, name, method, settings):
     model, storage = registry_model(name, method, dict(settings))
     loaded, _ = saved(model, tmp_path, **storage)
     prog, _ = build(loaded, tmp_path / "c")
+    if storage.get("entropy"):  # the program keeps the file's Huffman coding
+        source = (tmp_path / "c" / "model.c").read_text()
+        assert re.search(r"\.(indices|positions), h\d+ ", source)
+        assert re.search(r"\.huff = [123],", source)
     check(loaded, prog, torch.randn(3, *SHAPE))
 
 

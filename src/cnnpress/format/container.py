@@ -315,6 +315,9 @@ def load(path: str | Path) -> nn.Module:
     model.cnnpress_storage = {  # how the file keeps its values (the ONNX export keeps them so)
         "float_bits": manifest.get("float_bits", 32),
         "fold_batchnorm": bool(manifest.get("fold_batchnorm", False)),
+        "entropy": bool(manifest.get("coded")) or any(  # some stream is Huffman-coded
+            isinstance(a, list) and str(a[0]).startswith("h") for a in manifest.get("arrays") or []
+        ),
     }
     return model.eval()
 

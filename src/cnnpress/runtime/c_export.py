@@ -11,8 +11,8 @@ nothing and reads no file. Build: ``cc -std=c99 -O2 -Wall -Wextra -Werror *.c -l
 :func:`c_memory` gives the two numbers a device needs: flash (the const bytes, per layer) and
 RAM (the arena the liveness plan sizes, plus the kernels' scratch).
 
-Not kept: the Huffman coding of index streams (``entropy``): the program stores those streams
-bit-packed at their width, as the file does without ``entropy``.
+Huffman-coded streams (``entropy``: SLBF selections, k-means indices, sparse positions) stay
+coded; the kernels decode them in order, with the decoder's tables in scratch.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from torch import nn
 
 from cnnpress.atomic import atomic_write_bytes
 from cnnpress.errors import CnnpressError
-from cnnpress.format.layout import encode, layout
+from cnnpress.format.layout import encode, entropy_code, layout
 from cnnpress.methods.slbf import set_path
 from cnnpress.models import from_arch
 from cnnpress.models.graph import trace
@@ -53,7 +53,7 @@ _SHORT = {"c", "h", "w", "n", "oh", "ow", "kh", "kw", "sh", "sw", "ph", "pw", "d
 _ORDER = {
     "conv": ("c", "h", "w", "n", "oh", "ow", "kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw",
              "groups", "kind", "wt", "code", "code_bits", "pos", "pos_bits", "pos_count", "kept",
-             "sel", "d", "m", "scale", "scale_n", "bias"),
+             "sel", "d", "m", "scale", "scale_n", "huff", "bias"),
     "epi": ("c", "plane"),
     "binary": ("op", "ndim", "b_const", "b_value", "shape", "sa", "sb", "channels"),
     "ewise": ("op", "b_const", "n", "channels", "b_value"),
@@ -64,13 +64,13 @@ _ORDER = {
 }
 
 
-def storage_settings(model: nn.Module) -> tuple[int, bool]:
-    """``(float_bits, fold_batchnorm)`` the model's file keeps (what a save would write)."""
-    storage = getattr(model, "cnnpress_storage", None)
-    if storage:
-        return int(storage.get("float_bits", 32)), bool(storage.get("fold_batchnorm", False))
-    config = (getattr(model, "cnnpress_method", None) or {}).get("config") or {}
-    return int(config.get("float_bits", 32)), bool(config.get("fold_batchnorm", False))
+def storage_settings(model: nn.Module) -> tuple[int, bool, bool]:
+    """``(float_bits, fold_batchnorm, entropy)`` the model's file keeps (what a save of it
+    writes: a loaded file's settings, else those of its method's config)."""
+    storage = getattr(model, "cnnpress_storage", None) or (
+        (getattr(model, "cnnpress_method", None) or {}).get("config") or {})
+    return (int(storage.get("float_bits", 32)), bool(storage.get("fold_batchnorm", False)),
+            bool(storage.get("entropy", False)))
 
 
 def graph_of(model: nn.Module) -> dict[str, Any]:
@@ -88,11 +88,12 @@ class CProgram:
         if not isinstance(model, nn.Module):
             raise CnnpressError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.input_shape = shape = _input_shape(model, input_shape)
-        self.float_bits, fold = storage_settings(model)
+        self.float_bits, fold, entropy = storage_settings(model)
         work = copy.deepcopy(model).to("cpu").float().eval()
         set_path(work, "dense")  # the real values come from PyTorch's plain path
         self.arrays: dict[tuple[str, str], tuple[str, bytes, tuple[int, ...]]] = {}
-        for e in layout(work, self.float_bits, with_values=True, fold_batchnorm=fold):
+        entries = layout(work, self.float_bits, with_values=True, fold_batchnorm=fold)
+        for e in entropy_code(entries) if entropy else entries:
             self.arrays[(e.module, e.name)] = (e.encoding, encode(e), e.shape)
         self.plan = Plan(graph_of(model), shape)
         try:

@@ -44,6 +44,11 @@ POOL_KIND = {"F.max_pool2d": 0, "F.avg_pool2d": 1, "F.adaptive_avg_pool2d": 2,
              nn.AdaptiveAvgPool2d: 2, nn.AdaptiveMaxPool2d: 3}
 
 
+def huff_ints(alphabet: int) -> int:
+    """Scratch (32-bit words) of one Huffman decoder's tables (``CNNP_HUFF_INTS``)."""
+    return 3 * 25 + (alphabet + 1) // 2
+
+
 def no_epi() -> dict[str, Any]:
     """An epilogue that does nothing."""
     return {"bn_kind": 0, "bn": [None] * 4, "eps": 0.0, "act": 0, "lo": 0.0, "hi": 0.0}
@@ -63,6 +68,10 @@ class Lowerer:
 
     def key(self, module: str, name: str) -> tuple[str, str] | None:
         return (module, name) if (module, name) in self.arrays else None
+
+    def coded(self, module: str, name: str) -> bool:
+        """Whether the file Huffman-codes that stream (``entropy``)."""
+        return self.arrays.get((module, name), ("",))[0].startswith("h")
 
     def __call__(self, plan: Plan, index: int, node: list[Any], args: list[Any],
                  kwargs: dict[str, Any]) -> tuple[Any, Any]:
@@ -146,13 +155,15 @@ class Lowerer:
     def weights(self, name: str, m: nn.Module, g: dict[str, Any]) -> dict[str, Any]:
         k = self.key
         f = dict(kind=0, wt=None, code=None, code_bits=0, pos=None, pos_bits=0, pos_count=0,
-                 kept=0, sel=None, d=0, m=0, scale=None, scale_n=0, bias=k(name, "bias"))
+                 kept=0, sel=None, d=0, m=0, scale=None, scale_n=0, bias=k(name, "bias"),
+                 huff=int(self.coded(name, "indices")) + 2 * int(self.coded(name, "positions")))
         if isinstance(m, (SLBFConv2d, SLBFLinear)):
-            s = m.num_slices
-            f.update(kind=4, code=k(name, "bank"), sel=k(name, "indices"),
-                     code_bits=index_bits(m.num_filters), d=m.slice_channels, m=m.num_filters,
-                     scale=k(name, "scale"), scale_n=g["n"] if m.has_scale else 0,
-                     scratch=s * m.num_filters + m.slice_channels * g["kh"] * g["kw"])
+            s, bits = m.num_slices, index_bits(m.num_filters)
+            scratch = s * m.num_filters + m.slice_channels * g["kh"] * g["kw"]
+            f.update(kind=4, code=k(name, "bank"), sel=k(name, "indices"), code_bits=bits,
+                     d=m.slice_channels, m=m.num_filters, scale=k(name, "scale"),
+                     scale_n=g["n"] if m.has_scale else 0,
+                     scratch=scratch + (huff_ints(1 << bits) if f["huff"] & 1 else 0))
         elif isinstance(m, (BinaryConv2d, BinaryLinear)):
             if m.binarize_input:
                 raise ExportError(f"{name}: XNOR's binary inputs have no C kernel ({SUPPORTED})")
@@ -167,6 +178,8 @@ class Lowerer:
                 f.update(kind=3, wt=k(name, "codebook"), code=k(name, "indices"), code_bits=m.bits)
             else:
                 f.update(kind=2, wt=k(name, "values"))
+            f["scratch"] = (huff_ints(1 << f["code_bits"]) if f["huff"] & 1 else 0) + (
+                huff_ints(1 << f["pos_bits"]) if f["huff"] & 2 else 0)
         elif type(m) in (nn.Conv2d, nn.Linear):
             f.update(kind=0, wt=k(name, "weight"))
         else:

@@ -71,6 +71,46 @@ uint32_t cnnp_bits(const uint8_t *p, int32_t i, int bits)
     return (v >> shift) & ((1u << bits) - 1u);
 }
 
+void cnnp_huff_init(cnnp_huff *h, const uint8_t *data, int alphabet, int32_t *tables)
+{
+    int32_t *first = tables, *count = tables + CNNP_HUFF_MAX + 1;
+    int32_t *offset = tables + 2 * (CNNP_HUFF_MAX + 1);
+    uint16_t *symbols = (uint16_t *)(tables + 3 * (CNNP_HUFF_MAX + 1));
+    int s, l;
+    for (l = 0; l <= CNNP_HUFF_MAX; l++) count[l] = 0;
+    for (s = 0; s < alphabet; s++) count[cnnp_bits(data, s, 5)]++;
+    count[0] = 0;
+    first[0] = offset[0] = 0;
+    for (l = 1; l <= CNNP_HUFF_MAX; l++) {
+        first[l] = (first[l - 1] + count[l - 1]) << 1;
+        offset[l] = offset[l - 1] + count[l - 1];
+    }
+    for (l = 1; l <= CNNP_HUFF_MAX; l++) { /* symbols sorted by (length, symbol) */
+        int32_t at = offset[l];
+        for (s = 0; s < alphabet; s++)
+            if ((int)cnnp_bits(data, s, 5) == l) symbols[at++] = (uint16_t)s;
+    }
+    h->bits = data + ((uint32_t)alphabet * 5u + 7u) / 8u;
+    h->pos = 0;
+    h->first = first;
+    h->count = count;
+    h->offset = offset;
+    h->symbols = symbols;
+}
+
+uint32_t cnnp_huff_next(cnnp_huff *h)
+{
+    int32_t code = 0;
+    int l;
+    for (l = 1; l <= CNNP_HUFF_MAX; l++) {
+        code = (code << 1) | ((h->bits[h->pos >> 3] >> (h->pos & 7u)) & 1);
+        h->pos++;
+        if (code >= h->first[l] && code - h->first[l] < h->count[l])
+            return h->symbols[h->offset[l] + code - h->first[l]];
+    }
+    return 0; /* a damaged stream (the loader's checks refuse one) */
+}
+
 static void cnnp_apply_epi(const cnnp_ctx *ctx, const cnnp_epi *e, float *y, int c,
                            int32_t plane)
 {
@@ -130,7 +170,7 @@ static void cnnp_axpy(const cnnp_conv_t *p, const float *xc, float *yc, float v,
 
 /* The next stored weight of a dense, binary, sparse or k-means conv: its flat index in the
  * (n, c/groups, kh, kw) weight and its value; 0 when there is none left. */
-typedef struct { int32_t k, entry, at; } cnnp_walk;
+typedef struct { int32_t k, entry, at; cnnp_huff code, pos; } cnnp_walk;
 
 static int cnnp_next(const cnnp_ctx *ctx, const cnnp_conv_t *p, cnnp_walk *it, int32_t total,
                      int32_t *idx, float *v)
@@ -143,8 +183,13 @@ static int cnnp_next(const cnnp_ctx *ctx, const cnnp_conv_t *p, cnnp_walk *it, i
             *idx = it->at++;
         } else {
             uint32_t filler = (1u << p->pos_bits) - 1u, g;
-            while ((g = cnnp_bits(cnnp_w(ctx, p->pos), it->entry++, p->pos_bits)) == filler)
+            for (;;) {
+                g = (p->huff & 2) ? cnnp_huff_next(&it->pos)
+                                  : cnnp_bits(cnnp_w(ctx, p->pos), it->entry, p->pos_bits);
+                it->entry++;
+                if (g != filler) break;
                 it->at += (int32_t)filler;
+            }
             it->at += (int32_t)g + 1;
             *idx = it->at - 1;
         }
@@ -156,7 +201,9 @@ static int cnnp_next(const cnnp_ctx *ctx, const cnnp_conv_t *p, cnnp_walk *it, i
     if (p->kind == CNNP_W_BINARY) {
         *v = cnnp_bits(cnnp_w(ctx, p->code), *idx, 1) ? 1.0f : -1.0f;
     } else if (p->kind == CNNP_W_KMEANS) {
-        *v = cnnp_vec(ctx, p->wt, (int32_t)cnnp_bits(cnnp_w(ctx, p->code), k, p->code_bits));
+        uint32_t j = (p->huff & 1) ? cnnp_huff_next(&it->code)
+                                   : cnnp_bits(cnnp_w(ctx, p->code), k, p->code_bits);
+        *v = cnnp_vec(ctx, p->wt, (int32_t)j);
     } else if (p->kind == CNNP_W_SPARSE) {
         *v = cnnp_vec(ctx, p->wt, k);
     } else {
@@ -170,8 +217,15 @@ static void cnnp_conv_stream(const cnnp_ctx *ctx, const cnnp_conv_t *p, const fl
     int cg = p->c / p->groups, ng = p->n / p->groups, taps = p->kh * p->kw;
     int32_t plane_in = (int32_t)p->h * p->w, plane = (int32_t)p->oh * p->ow;
     int32_t total = (int32_t)p->n * cg * taps, idx;
-    cnnp_walk it = {0, 0, 0};
+    cnnp_walk it;
     float v;
+    int32_t *tables = (int32_t *)ctx->scratch;
+    memset(&it, 0, sizeof it);
+    if (p->huff & 1) { /* Huffman-coded k-means indices: the decoder's tables in scratch */
+        cnnp_huff_init(&it.code, cnnp_w(ctx, p->code), 1 << p->code_bits, tables);
+        tables += CNNP_HUFF_INTS(1 << p->code_bits);
+    }
+    if (p->huff & 2) cnnp_huff_init(&it.pos, cnnp_w(ctx, p->pos), 1 << p->pos_bits, tables);
     memset(y, 0, sizeof(float) * (size_t)p->n * (size_t)plane);
     while (cnnp_next(ctx, p, &it, total, &idx, &v)) {
         int oc = idx / (cg * taps), rest = idx % (cg * taps);
@@ -190,6 +244,9 @@ static void cnnp_conv_slbf(const cnnp_ctx *ctx, const cnnp_conv_t *p, const floa
     int32_t plane_in = (int32_t)p->h * p->w, plane = (int32_t)p->oh * p->ow;
     float *z = ctx->scratch, *patch = ctx->scratch + s * p->m, all;
     const uint8_t *bank = cnnp_w(ctx, p->code), *sel = cnnp_w(ctx, p->sel);
+    cnnp_huff coded;
+    if (p->huff & 1) /* Huffman-coded selections: decoded in order at every position */
+        cnnp_huff_init(&coded, sel, 1 << p->code_bits, (int32_t *)(patch + taps));
     for (oh = 0; oh < p->oh; oh++) {
         for (ow = 0; ow < p->ow; ow++) {
             for (j = 0; j < s; j++) {
@@ -211,10 +268,13 @@ static void cnnp_conv_slbf(const cnnp_ctx *ctx, const cnnp_conv_t *p, const floa
                     z[j * p->m + t] = 2.0f * plus - all;
                 }
             }
+            if (p->huff & 1) coded.pos = 0;
             for (i = 0; i < p->n; i++) {
                 float sum = 0.0f;
                 for (j = 0; j < s; j++)
-                    sum += z[j * p->m + (int)cnnp_bits(sel, i * s + j, p->code_bits)];
+                    sum += z[j * p->m + (int)((p->huff & 1) ? cnnp_huff_next(&coded)
+                                                            : cnnp_bits(sel, i * s + j,
+                                                                        p->code_bits))];
                 y[(int32_t)i * plane + (int32_t)oh * p->ow + ow] = sum;
             }
         }

@@ -52,6 +52,7 @@ typedef struct {
     int16_t pos_bits;    /* 0: bitmap, else relative gaps of pos_bits bits */
     int16_t d, m;        /* SLBF: slice channels, bank filters */
     int16_t scale_n;     /* per-filter scales: 0, 1 (BinaryConnect) or n (BWN alpha, SLBF) */
+    int16_t huff;        /* Huffman-coded streams: 1 the indices (code or sel), 2 pos */
     cnnp_arr wt;         /* dense: weights; sparse: kept values; k-means: codebook */
     cnnp_arr code;       /* binary: sign bits (1 = +1); k-means: indices; SLBF: bank bits */
     cnnp_arr pos;        /* sparse and pruned k-means: positions of the kept weights */
@@ -97,6 +98,21 @@ typedef struct {
     cnnp_ref x, y;
     int16_t kind, c, h, w, oh, ow, kh, kw, sh, sw, ph, pw, dh, dw, count_include_pad;
 } cnnp_pool_t;
+
+/* A canonical Huffman stream (cnnpress.format.entropy): the code length of each of the
+ * `alphabet` symbols at 5 bits, then the codes, most significant bit first. The decoder's
+ * tables live in scratch: CNNP_HUFF_INTS(alphabet) int32 values. */
+#define CNNP_HUFF_MAX 24
+#define CNNP_HUFF_INTS(alphabet) (3 * (CNNP_HUFF_MAX + 1) + ((alphabet) + 1) / 2)
+typedef struct {
+    const uint8_t *bits;
+    uint32_t pos;
+    const int32_t *first, *count, *offset;
+    const uint16_t *symbols;
+} cnnp_huff;
+
+void cnnp_huff_init(cnnp_huff *h, const uint8_t *data, int alphabet, int32_t *tables);
+uint32_t cnnp_huff_next(cnnp_huff *h);
 
 float cnnp_float_at(int float_bits, const uint8_t *a, int32_t i, int32_t rows, int32_t row_len);
 uint32_t cnnp_bits(const uint8_t *p, int32_t i, int bits);
