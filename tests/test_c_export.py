@@ -100,6 +100,7 @@ CASES = [
     ("resnet20", "magnitude_prune", {"sparsity": 0.8}),
     ("resnet20", "magnitude_prune", {"sparsity": 0.97, "float_bits": 8, "include_linear": True}),
     ("resnet20", "kmeans", {"bits": 3}),
+    ("resnet20", "filter_prune", {"ratio": 0.5}),  # plain convs with fewer channels
     ("resnet20", "kmeans", {"bits": 4, "sparsity": 0.6, "float_bits": 16}),
     ("resnet20", "kmeans", {"bits": 4, "sparsity": 0.6, "entropy": True}),  # Huffman-coded
     ("resnet20", "slbf", {"slice_channels": 2, "num_filters": 16, "entropy": True,

@@ -26,7 +26,8 @@ from cnnpress.runtime.c_plan import ExportError, Op, Plan, View, movement_fn
 __all__ = ["SUPPORTED", "Lowerer", "no_epi"]
 
 #: What the C runtime runs, for messages.
-SUPPORTED = "fp32/float16/int8 layers, slbf, bwn, binaryconnect, magnitude_prune, kmeans"
+SUPPORTED = ("fp32/float16/int8 layers, slbf, bwn, binaryconnect, magnitude_prune, kmeans, "
+             "filter_prune")
 CONV_TYPES = (nn.Conv2d, nn.Linear, SLBFConv2d, SLBFLinear, BinaryConv2d, BinaryLinear,
               MaskedLayer, KMeansLayer)
 ACT_FUNCS = {"F.relu", "torch.relu", "F.relu6", "F.hardtanh"}
