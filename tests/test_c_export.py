@@ -193,15 +193,29 @@ class Zoo(nn.Module):
         return self.out(self.drop(F.relu(self.bn1(self.fc(z)))))
 
 
+class Tuples(nn.Module):
+    """Settings passed as tuples and negative dimensions."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, (3, 5), stride=(1, 2), padding=(1, 2))
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv(x)), (2, 2), (2, 1))
+        y = torch.cat((x.mean((2, 3), keepdim=True), F.avg_pool2d(x, (14, 13))), dim=-3)
+        return self.fc(torch.flatten(y, -3))
+
+
 @needs_cc
-@pytest.mark.parametrize("net", [MyNet, Zoo])
+@pytest.mark.parametrize("net", [MyNet, Zoo, Tuples])
 @pytest.mark.parametrize("method", [None, "slbf", "magnitude_prune"])
 def test_users_cnns_match_pytorch(tmp_path, net, method):
     torch.manual_seed(1)
     model = calibrated(net())
     if method == "slbf":
         model = cnnpress.compress(model, method, slice_channels=4, num_filters=4,
-                                  float_bits=8, fold_batchnorm=True)
+                                  include_linear=True, float_bits=8, fold_batchnorm=True)
     elif method:
         model = cnnpress.compress(model, method, sparsity=0.5, include_linear=True)
     loaded, _ = saved(model.eval(), tmp_path)

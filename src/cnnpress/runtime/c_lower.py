@@ -226,7 +226,8 @@ class Lowerer:
                 raise ExportError(f"{target} with alpha has no C kernel")
             return self.binary(plan, index, BINARY.get(target, 0), args, value)
         if target in POOL_FUNCS:
-            settings = _bind(("input", *POOL_FUNCS[target]), args, kwargs)
+            bound = _bind(("input", *POOL_FUNCS[target]), args, kwargs)
+            settings = {k: plan.stand_in(v) for k, v in bound.items() if k != "input"}
             return self.pool(plan, POOL_KIND[target], args[0], settings, value, target)
         if target == "torch.cat":
             return self.cat(plan, args, kwargs, value)
@@ -281,7 +282,7 @@ class Lowerer:
     def mean(self, plan: Plan, args: list[Any], kwargs: dict[str, Any], value: Any) -> View:
         x = plan.contiguous(plan.arg_view(args[0]))
         b = _bind(("self", "dim", "keepdim"), args, kwargs)
-        dims = b.get("dim")
+        dims = plan.stand_in(b.get("dim"))
         dims = list(range(len(x.shape))) if dims is None else dims
         dims = sorted(d % len(x.shape) for d in ([dims] if isinstance(dims, int) else dims))
         if dims != list(range(len(x.shape) - len(dims), len(x.shape))) or b.get("dtype"):
@@ -297,7 +298,7 @@ class Lowerer:
         b = _bind(("tensors", "dim"), args, kwargs)
         parts = b["tensors"]
         parts = parts.get("tuple") if isinstance(parts, dict) else parts
-        dim = int(b.get("dim", 0)) % value.dim()
+        dim = int(plan.stand_in(b.get("dim", 0))) % value.dim()
         out = plan.new_storage(tuple(value.shape))
         start = 0
         for part in parts:
