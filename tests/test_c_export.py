@@ -280,6 +280,8 @@ def test_flash_and_ram_are_what_model_o_holds(tmp_path, method):
     flash = sum(v for k, v in s.items() if k.startswith((".text", ".rodata", ".data")))
     for key in ("const_bytes", "descriptor_bytes"):
         assert info[key] == sum(row[key] for row in info["layers"])
+    live = [row["live_bytes"] for row in info["layers"]]  # per layer, as it runs
+    assert 0 < max(live) <= info["ram_bytes"]
     # every weight byte and descriptor is in flash, once (each array aligned to 32 bytes)
     assert info["flash_bytes"] <= s[".rodata"] <= info["flash_bytes"] + 32 * 8
     assert flash - s[".rodata"] <= 40 * info["ops"] + 512  # cnnp_predict: a call per op

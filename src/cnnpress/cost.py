@@ -51,6 +51,7 @@ class SummaryRow:
     compressed: bool
     file_bytes: int | None = None
     flash_bytes: int | None = None  # of the C program (export --c): weights and descriptors
+    ram_bytes: int | None = None  # of the C program: activations alive as it runs, scratch
 
     @property
     def ratio(self) -> float:
@@ -76,10 +77,12 @@ class Summary:
         per row (its weights and its operations' descriptors) and ``self.device``, the totals
         (flash: weights, descriptors; RAM: arena, scratch); ``{"error": why}`` where the
         model has no C program."""
-        per_layer = {r["layer"]: r["const_bytes"] + r["descriptor_bytes"]
-                     for r in memory.get("layers", [])}
+        per_layer = {r["layer"]: r for r in memory.get("layers", [])}
         for r in self.rows:
-            r.flash_bytes = per_layer.get(r.name, 0) if "error" not in memory else None
+            row = per_layer.get(r.name, {})
+            if "error" not in memory:
+                r.flash_bytes = row.get("const_bytes", 0) + row.get("descriptor_bytes", 0)
+                r.ram_bytes = row.get("live_bytes", 0)
         self.device = {k: v for k, v in memory.items() if k not in ("layers", "files")}
 
     def attach_file(self, info: dict[str, Any]) -> None:
@@ -128,7 +131,8 @@ class Summary:
             "MACs",
             "binary MACs",
             "adds",
-        ] + (["file bytes"] if self.file else []) + (["flash bytes"] if self._flash else [])
+        ] + (["file bytes"] if self.file else []) + (
+            ["flash bytes", "RAM bytes"] if self._flash else [])
         for col in cols:
             t.add_column(col, justify="left" if col in ("layer", "kind") else "right")
 
@@ -144,18 +148,20 @@ class Summary:
                 f"{r['binary_macs']:,}",
                 f"{r['adds']:,}",
             ]
-            flash = kw.pop("flash", "")
-            t.add_row(*cells, *([fb] if self.file else []), *([flash] if self._flash else []),
+            device = [kw.pop("flash", ""), kw.pop("ram", "")]
+            t.add_row(*cells, *([fb] if self.file else []), *(device if self._flash else []),
                       **kw)
 
         for r in self.rows:
+            ram = f"{r.ram_bytes:,}" if r.ram_bytes else ""
             add(r.name, r.kind, f"{r.weights:,}", r.to_dict(), f"{r.file_bytes or 0:,}",
-                flash=f"{r.flash_bytes or 0:,}")
+                flash=f"{r.flash_bytes or 0:,}", ram=ram)
         tot = self.totals
         t.add_section()
         fb = f"{self.file['payload_bytes']:,}" if self.file else ""
         flash = f"{self.device['flash_bytes']:,}" if self._flash else ""
-        add("total", "", f"{tot['weights']:,}", tot, fb, style="bold", flash=flash)
+        ram = f"{self.device['ram_bytes']:,}" if self._flash else ""
+        add("total", "", f"{tot['weights']:,}", tot, fb, style="bold", flash=flash, ram=ram)
         if tot["compressed_layers"]:
             t.add_row(
                 "compressed layers",

@@ -34,7 +34,7 @@ from cnnpress.methods.slbf import set_path
 from cnnpress.models import from_arch
 from cnnpress.models.graph import trace
 from cnnpress.runtime.c_lower import Lowerer
-from cnnpress.runtime.c_plan import ARENA, INPUT, LOGITS, Op, Plan, View, place
+from cnnpress.runtime.c_plan import ARENA, INPUT, LOGITS, Op, Plan, View, live_floats, place
 
 __all__ = ["RUNTIME_FILES", "CProgram", "c_memory", "export_c"]
 
@@ -118,15 +118,18 @@ class CProgram:
     def memory(self) -> dict[str, Any]:
         """Flash: the const bytes of the weights and of the operations' descriptors, per
         layer and in total (the code of ``cnnp_predict``, a call per operation, and of the
-        kernels comes on top); RAM: the arena and the scratch."""
+        kernels comes on top); RAM: the arena and the scratch, and per layer the activations
+        alive in the arena while it runs plus its scratch (``live_bytes``)."""
         layers: dict[str, dict[str, int]] = {}
+        blank = {"const_bytes": 0, "descriptor_bytes": 0, "live_bytes": 0}
         for module, name in self.offsets:
-            row = layers.setdefault(module, {"const_bytes": 0, "descriptor_bytes": 0})
+            row = layers.setdefault(module, dict(blank))
             row["const_bytes"] += len(self.arrays[(module, name)][1])
         for op in self.plan.ops:
-            row = layers.setdefault(op.module if op.module in layers else "(graph)",
-                                    {"const_bytes": 0, "descriptor_bytes": 0})
+            row = layers.setdefault(op.module if op.module in layers else "(graph)", dict(blank))
             row["descriptor_bytes"] += DESCRIPTOR_BYTES[op.kind]
+            live = 4 * (live_floats(self.plan.storages, op.step) + op.scratch)
+            row["live_bytes"] = max(row["live_bytes"], live)
         const = sum(r["const_bytes"] for r in layers.values())
         descriptors = sum(r["descriptor_bytes"] for r in layers.values())
         return {

@@ -27,7 +27,7 @@ from torch import nn
 from cnnpress.errors import CnnpressError
 from cnnpress.models.graph import FUNCTIONS, _decode, _refs
 
-__all__ = ["INPUT", "LOGITS", "Op", "Plan", "Storage", "View", "place"]
+__all__ = ["INPUT", "LOGITS", "Op", "Plan", "Storage", "View", "live_floats", "place"]
 
 ARENA, INPUT, LOGITS = 0, 1, 2
 MAX_DIMS = 6
@@ -87,6 +87,7 @@ class Op:
     module: str = ""
     scratch: int = 0  # floats
     epi: dict[str, Any] = field(default_factory=dict)
+    step: int = 0  # the graph node it runs for
 
 
 class Plan:
@@ -133,6 +134,7 @@ class Plan:
         return out
 
     def add(self, op: Op) -> Op:
+        op.step = self.step
         for v in [*op.reads, op.out]:
             s = self.storages[v.sid]
             s.first, s.last = min(s.first, self.step), max(s.last, self.step)
@@ -209,6 +211,11 @@ class Plan:
         if not (isinstance(arg, dict) and isinstance(self.views.get(arg.get("node")), View)):
             raise ExportError(f"the C export expects a tensor here, got {arg!r:.60}")
         return self.views[arg["node"]]
+
+
+def live_floats(storages: list[Storage], step: int) -> int:
+    """Floats of the arena storages alive at graph node ``step``."""
+    return sum(s.size for s in storages if s.base == ARENA and s.first <= step <= s.last)
 
 
 def place(storages: list[Storage]) -> int:
