@@ -42,10 +42,14 @@ def images(count: int) -> tuple[torch.Tensor, np.ndarray]:
 
 
 def model_o(folder: Path) -> dict[str, int]:
-    subprocess.run(["cc", "-std=c99", "-O2", "-c", "model.c", "-o", "model.o"], cwd=folder,
-                   check=True)
-    line = subprocess.run(["size", "model.o"], cwd=folder, capture_output=True, text=True,
-                          check=True).stdout.splitlines()[1].split()
+    subprocess.run(
+        ["cc", "-std=c99", "-O2", "-c", "model.c", "-o", "model.o"], cwd=folder, check=True
+    )
+    line = (
+        subprocess.run(["size", "model.o"], cwd=folder, capture_output=True, text=True, check=True)
+        .stdout.splitlines()[1]
+        .split()
+    )
     text, data, bss = (int(v) for v in line[:3])
     return {"text": text, "data": data, "bss": bss}
 
@@ -66,8 +70,12 @@ def measure(name: str, cnnp: Path, x: torch.Tensor, labels: np.ndarray, folder: 
     subprocess.run(BUILD, shell=True, cwd=out, check=True)
     sizes = model_o(out)
     start = time.perf_counter()
-    done = subprocess.run([str(out / "prog")], input=x.numpy().astype("<f4").tobytes(),
-                          capture_output=True, check=True)
+    done = subprocess.run(
+        [str(out / "prog")],
+        input=x.numpy().astype("<f4").tobytes(),
+        capture_output=True,
+        check=True,
+    )
     c_ms = 1000 * (time.perf_counter() - start) / len(x)
     got = np.frombuffer(done.stdout, dtype="<f4").reshape(len(x), -1)
     with torch.no_grad():
@@ -122,8 +130,9 @@ def main() -> None:
     result = {
         **result_provenance(sys.argv, allow_dirty=args.allow_dirty or not args.out),
         "command": "python " + " ".join(sys.argv),
-        "compiler": subprocess.run(["cc", "--version"], capture_output=True, text=True,
-                                   check=True).stdout.splitlines()[0],
+        "compiler": subprocess.run(
+            ["cc", "--version"], capture_output=True, text=True, check=True
+        ).stdout.splitlines()[0],
         "rows": rows,
     }
     if args.out:

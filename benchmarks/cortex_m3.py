@@ -40,8 +40,17 @@ from cnnpress.runtime import export_c
 HARNESS = Path(__file__).parent / "cortex_m3"
 PACKAGES = ["gcc-arm-none-eabi", "libnewlib-arm-none-eabi", "qemu-system-arm"]
 TOOLS = ["arm-none-eabi-gcc", "arm-none-eabi-size", "qemu-system-arm"]
-M3_FLAGS = ["-mcpu=cortex-m3", "-mthumb", "-O2", "-std=c99", "-Wall", "-Wextra", "-Werror",
-            "-ffunction-sections", "-fdata-sections"]
+M3_FLAGS = [
+    "-mcpu=cortex-m3",
+    "-mthumb",
+    "-O2",
+    "-std=c99",
+    "-Wall",
+    "-Wextra",
+    "-Werror",
+    "-ffunction-sections",
+    "-fdata-sections",
+]
 SMALL_M3 = {"board": "lm3s6965evb", "flash_bytes": 256 * 1024, "ram_bytes": 64 * 1024}
 STORAGE = {"float_bits": 8, "fold_batchnorm": True, "entropy": True}
 
@@ -55,16 +64,27 @@ def install_toolchain() -> None:
     if have_toolchain():
         return
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        sys.exit(f"needs {', '.join(TOOLS)}: apt-get install --no-install-recommends "
-                 f"{' '.join(PACKAGES)} (as root)")
+        sys.exit(
+            f"needs {', '.join(TOOLS)}: apt-get install --no-install-recommends "
+            f"{' '.join(PACKAGES)} (as root)"
+        )
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", *PACKAGES],
-                   check=True, env=env, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        ["apt-get", "install", "-y", "--no-install-recommends", *PACKAGES],
+        check=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
 
 
 def size(path: Path) -> dict[str, int]:
-    line = subprocess.run(["arm-none-eabi-size", str(path)], capture_output=True, text=True,
-                          check=True).stdout.splitlines()[1].split()
+    line = (
+        subprocess.run(
+            ["arm-none-eabi-size", str(path)], capture_output=True, text=True, check=True
+        )
+        .stdout.splitlines()[1]
+        .split()
+    )
     text, data, bss = (int(v) for v in line[:3])
     return {"text": text, "data": data, "bss": bss}
 
@@ -75,11 +95,29 @@ def build_m3(folder: Path) -> dict[str, dict[str, int]]:
     for name in ("startup.c", "main_m3.c", "link.ld"):
         shutil.copyfile(HARNESS / name, folder / name)
     sources = ["startup.c", "main_m3.c", "model.c", "cnnpress_rt.c"]
-    subprocess.run(["arm-none-eabi-gcc", *M3_FLAGS, "-c", "model.c", "-o", "model_m3.o"],
-                   cwd=folder, check=True)
-    subprocess.run(["arm-none-eabi-gcc", *M3_FLAGS, "-Wl,--gc-sections", "--specs=nano.specs",
-                    "--specs=rdimon.specs", "-nostartfiles", "-T", "link.ld", *sources, "-lm",
-                    "-o", "prog.elf"], cwd=folder, check=True)
+    subprocess.run(
+        ["arm-none-eabi-gcc", *M3_FLAGS, "-c", "model.c", "-o", "model_m3.o"],
+        cwd=folder,
+        check=True,
+    )
+    subprocess.run(
+        [
+            "arm-none-eabi-gcc",
+            *M3_FLAGS,
+            "-Wl,--gc-sections",
+            "--specs=nano.specs",
+            "--specs=rdimon.specs",
+            "-nostartfiles",
+            "-T",
+            "link.ld",
+            *sources,
+            "-lm",
+            "-o",
+            "prog.elf",
+        ],
+        cwd=folder,
+        check=True,
+    )
     return {"model_o": size(folder / "model_m3.o"), "program": size(folder / "prog.elf")}
 
 
@@ -87,8 +125,18 @@ def run_m3(folder: Path, x: torch.Tensor, timeout: float) -> np.ndarray:
     """The logits of ``x`` from ``prog.elf`` under QEMU (input and output via semihosting)."""
     (folder / "input.bin").write_bytes(x.numpy().astype("<f4").tobytes())
     (folder / "logits.bin").unlink(missing_ok=True)
-    cmd = ["timeout", str(int(timeout)), "qemu-system-arm", "-M", "mps2-an385", "-nographic",
-           "-semihosting-config", "enable=on,target=native", "-kernel", "prog.elf"]
+    cmd = [
+        "timeout",
+        str(int(timeout)),
+        "qemu-system-arm",
+        "-M",
+        "mps2-an385",
+        "-nographic",
+        "-semihosting-config",
+        "enable=on,target=native",
+        "-kernel",
+        "prog.elf",
+    ]
     done = subprocess.run(cmd, cwd=folder, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"QEMU ended with status {done.returncode}: {done.stderr[-500:]}")
@@ -96,17 +144,29 @@ def run_m3(folder: Path, x: torch.Tensor, timeout: float) -> np.ndarray:
 
 
 def run_host(folder: Path, x: torch.Tensor) -> np.ndarray:
-    sources = [str(p) for p in sorted(folder.glob("*.c")) if p.name not in ("startup.c",
-                                                                             "main_m3.c")]
-    subprocess.run(["cc", "-std=c99", "-O2", *sources, "-lm", "-o", str(folder / "host")],
-                   check=True)
-    done = subprocess.run([str(folder / "host")], input=x.numpy().astype("<f4").tobytes(),
-                          capture_output=True, check=True)
+    sources = [
+        str(p) for p in sorted(folder.glob("*.c")) if p.name not in ("startup.c", "main_m3.c")
+    ]
+    subprocess.run(
+        ["cc", "-std=c99", "-O2", *sources, "-lm", "-o", str(folder / "host")], check=True
+    )
+    done = subprocess.run(
+        [str(folder / "host")],
+        input=x.numpy().astype("<f4").tobytes(),
+        capture_output=True,
+        check=True,
+    )
     return np.frombuffer(done.stdout, dtype="<f4").reshape(len(x), -1)
 
 
-def measure(name: str, model: torch.nn.Module, x: torch.Tensor, labels: np.ndarray,
-            folder: Path, timeout: float) -> dict:
+def measure(
+    name: str,
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    labels: np.ndarray,
+    folder: Path,
+    timeout: float,
+) -> dict:
     out = folder / name.replace("/", "_").replace(":", "_")
     info = export_c(model, out, tuple(x.shape[1:]))
     sizes = build_m3(out)
@@ -127,12 +187,17 @@ def measure(name: str, model: torch.nn.Module, x: torch.Tensor, labels: np.ndarr
         "program_flash_bytes": flash,
         "program_ram_bytes": ram,
         **{k: v for k, v in info.items() if k not in ("layers", "files")},
-        "fits": {**SMALL_M3, "flash": flash <= SMALL_M3["flash_bytes"],
-                 "ram": ram <= SMALL_M3["ram_bytes"]},
+        "fits": {
+            **SMALL_M3,
+            "flash": flash <= SMALL_M3["flash_bytes"],
+            "ram": ram <= SMALL_M3["ram_bytes"],
+        },
     }
-    print(f"{name}: {row['same_class_as_host']}/{len(x)} classes as on the host, flash "
-          f"{flash:,} B, RAM {ram:,} B (arena {info['arena_bytes']:,}), {seconds:.0f} s in QEMU",
-          flush=True)
+    print(
+        f"{name}: {row['same_class_as_host']}/{len(x)} classes as on the host, flash "
+        f"{flash:,} B, RAM {ram:,} B (arena {info['arena_bytes']:,}), {seconds:.0f} s in QEMU",
+        flush=True,
+    )
     return row
 
 
@@ -148,8 +213,7 @@ def main() -> None:
     require_clean_or_exit(args.allow_dirty or not args.out)  # a results file: clean tree
     install_toolchain()
     torch.set_num_threads(1)
-    x, labels = next(iter(Loader(load_dataset("fashion-mnist", "test"), args.images,
-                                 train=False)))
+    x, labels = next(iter(Loader(load_dataset("fashion-mnist", "test"), args.images, train=False)))
     labels = labels.numpy()
     fp32 = cnnpress.load("pretrained:resnet20-fmnist")
     rows = []
@@ -157,8 +221,13 @@ def main() -> None:
         folder = Path(tmp)
         small = cnnpress.compress(fp32, "slbf", target_ratio=100, **STORAGE)
         cnnpress.save(small, folder / "slbf-100x.cnnp")
-        models = [("slbf-100x (planner, untrained)", cnnpress.load(folder / "slbf-100x.cnnp"),
-                   args.images)]
+        models = [
+            (
+                "slbf-100x (planner, untrained)",
+                cnnpress.load(folder / "slbf-100x.cnnp"),
+                args.images,
+            )
+        ]
         models += [(f, cnnpress.load(f), args.images) for f in args.files]
         models.append(("pretrained:resnet20-fmnist", fp32, args.fp32_images))
         for name, model, count in models:
@@ -166,8 +235,9 @@ def main() -> None:
     result = {
         **result_provenance(sys.argv, allow_dirty=args.allow_dirty or not args.out),
         "command": "python " + " ".join(sys.argv),
-        "compiler": subprocess.run(["arm-none-eabi-gcc", "--version"], capture_output=True,
-                                   text=True, check=True).stdout.splitlines()[0],
+        "compiler": subprocess.run(
+            ["arm-none-eabi-gcc", "--version"], capture_output=True, text=True, check=True
+        ).stdout.splitlines()[0],
         "flags": M3_FLAGS,
         "rows": rows,
     }

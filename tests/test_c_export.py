@@ -63,16 +63,31 @@ def build(model: nn.Module, out: Path, shape: tuple[int, ...] = SHAPE) -> tuple[
     """Export, then compile with the documented command; a failed build fails the test."""
     info = export_c(model, out, shape)
     sources = sorted(str(p) for p in out.glob("*.c"))
-    cmd = [CC, "-std=c99", "-O2", "-Wall", "-Wextra", "-Werror", *sources, "-lm", "-o",
-           str(out / "prog")]
+    cmd = [
+        CC,
+        "-std=c99",
+        "-O2",
+        "-Wall",
+        "-Wextra",
+        "-Werror",
+        *sources,
+        "-lm",
+        "-o",
+        str(out / "prog"),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert done.returncode == 0, f"the C program does not build:\n{done.stderr[:4000]}"
     return out / "prog", info
 
 
 def run(prog: Path, x: torch.Tensor) -> np.ndarray:
-    done = subprocess.run([str(prog)], input=x.numpy().astype("<f4").tobytes(),
-                          capture_output=True, check=True, timeout=120)
+    done = subprocess.run(
+        [str(prog)],
+        input=x.numpy().astype("<f4").tobytes(),
+        capture_output=True,
+        check=True,
+        timeout=120,
+    )
     return np.frombuffer(done.stdout, dtype="<f4").reshape(len(x), -1)
 
 
@@ -93,8 +108,11 @@ SLBF = {"slice_channels": 4, "num_filters": 8}
 CASES = [
     ("resnet20", None, {}),
     ("resnet20", "slbf", {**SLBF, "include_linear": True}),
-    ("resnet20", "slbf", {"slice_channels": 8, "num_filters": 16, "float_bits": 8,
-                          "fold_batchnorm": True}),
+    (
+        "resnet20",
+        "slbf",
+        {"slice_channels": 8, "num_filters": 16, "float_bits": 8, "fold_batchnorm": True},
+    ),
     ("resnet20", "bwn", {"float_bits": 16}),
     ("resnet20", "binaryconnect", {"include_linear": True}),
     ("resnet20", "magnitude_prune", {"sparsity": 0.8}),
@@ -103,8 +121,11 @@ CASES = [
     ("resnet20", "filter_prune", {"ratio": 0.5}),  # plain convs with fewer channels
     ("resnet20", "kmeans", {"bits": 4, "sparsity": 0.6, "float_bits": 16}),
     ("resnet20", "kmeans", {"bits": 4, "sparsity": 0.6, "entropy": True}),  # Huffman-coded
-    ("resnet20", "slbf", {"slice_channels": 2, "num_filters": 16, "entropy": True,
-                          "skew": True}),  # selections that Huffman coding shortens
+    (
+        "resnet20",
+        "slbf",
+        {"slice_channels": 2, "num_filters": 16, "entropy": True, "skew": True},
+    ),  # selections that Huffman coding shortens
     ("resnet20", "magnitude_prune", {"sparsity": 0.9, "entropy": True}),
     ("lenet5", None, {"float_bits": 8}),
     ("lenet5", "slbf", {"slice_channels": 3, "num_filters": 4}),
@@ -122,8 +143,9 @@ def registry_model(name: str, method: str | None, settings: dict) -> tuple[nn.Mo
     """A small calibrated registry model, compressed by ``method``, and how to save it."""
     torch.manual_seed(0)
     model = calibrated(cnnpress.models.create(name, 1, 10, **WIDTH.get(name, {})))
-    storage = {k: settings.pop(k) for k in ("float_bits", "fold_batchnorm", "entropy")
-               if k in settings}
+    storage = {
+        k: settings.pop(k) for k in ("float_bits", "fold_batchnorm", "entropy") if k in settings
+    }
     skew = settings.pop("skew", False)
     if method is not None:
         model = cnnpress.compress(model, method, **settings, **storage).eval()
@@ -214,8 +236,15 @@ def test_users_cnns_match_pytorch(tmp_path, net, method):
     torch.manual_seed(1)
     model = calibrated(net())
     if method == "slbf":
-        model = cnnpress.compress(model, method, slice_channels=4, num_filters=4,
-                                  include_linear=True, float_bits=8, fold_batchnorm=True)
+        model = cnnpress.compress(
+            model,
+            method,
+            slice_channels=4,
+            num_filters=4,
+            include_linear=True,
+            float_bits=8,
+            fold_batchnorm=True,
+        )
     elif method:
         model = cnnpress.compress(model, method, sparsity=0.5, include_linear=True)
     loaded, _ = saved(model.eval(), tmp_path)
@@ -236,8 +265,9 @@ def test_trained_model_on_real_images(tmp_path, method):
     x, labels = fmnist(40)
     model = cnnpress.load("pretrained:resnet20-fmnist")
     if method == "slbf":
-        model = cnnpress.compress(model, "slbf", slice_channels=8, num_filters=16,
-                                  float_bits=8, fold_batchnorm=True)
+        model = cnnpress.compress(
+            model, "slbf", slice_channels=8, num_filters=16, float_bits=8, fold_batchnorm=True
+        )
     elif method:
         model = cnnpress.compress(model, method, float_bits=16)
     if method:
@@ -274,8 +304,9 @@ def test_flash_and_ram_are_what_model_o_holds(tmp_path, method):
     prog, info = build(loaded, tmp_path / "c")
     assert info == {**c_memory(loaded, SHAPE), "files": info["files"]}
     obj = tmp_path / "model.o"
-    subprocess.run([CC, "-std=c99", "-O2", "-c", str(tmp_path / "c" / "model.c"), "-o",
-                    str(obj)], check=True)
+    subprocess.run(
+        [CC, "-std=c99", "-O2", "-c", str(tmp_path / "c" / "model.c"), "-o", str(obj)], check=True
+    )
     s = sections(obj)
     flash = sum(v for k, v in s.items() if k.startswith((".text", ".rodata", ".data")))
     for key in ("const_bytes", "descriptor_bytes"):
@@ -311,15 +342,25 @@ def test_what_has_no_kernel_is_one_line(tmp_path):
 @needs_cc
 def test_command_line_export_and_summary(tmp_path, capsys):
     torch.manual_seed(0)
-    model = cnnpress.compress(calibrated(cnnpress.models.create("lenet5", 1, 10)), "slbf",
-                              slice_channels=3, num_filters=4, float_bits=16)
+    model = cnnpress.compress(
+        calibrated(cnnpress.models.create("lenet5", 1, 10)),
+        "slbf",
+        slice_channels=3,
+        num_filters=4,
+        float_bits=16,
+    )
     path = tmp_path / "m.cnnp"
     cnnpress.save(model, path, dataset=get_spec("fashion-mnist").to_dict())
     assert main(["export", str(path), "--c", str(tmp_path / "c"), "--json"]) == 0
     exported = json.loads(capsys.readouterr().out)
     assert exported["cnnp_bytes"] == path.stat().st_size
-    assert {Path(f).name for f in exported["files"]} == {"model.c", "model.h", "cnnpress_rt.c",
-                                                         "cnnpress_rt.h", "main.c"}
+    assert {Path(f).name for f in exported["files"]} == {
+        "model.c",
+        "model.h",
+        "cnnpress_rt.c",
+        "cnnpress_rt.h",
+        "main.c",
+    }
     loaded = cnnpress.load(path)
     prog, info = build(loaded, tmp_path / "c")  # the same program again, built
     check(loaded, prog, torch.randn(2, *SHAPE))
@@ -337,16 +378,19 @@ M3_TOOLS = ("arm-none-eabi-gcc", "arm-none-eabi-size", "qemu-system-arm")
 
 @needs_cc
 @pytest.mark.slow
-@pytest.mark.skipif(not all(shutil.which(t) for t in M3_TOOLS),
-                    reason="no gcc-arm-none-eabi / qemu-system-arm (benchmarks/cortex_m3.py "
-                    "installs them)")
+@pytest.mark.skipif(
+    not all(shutil.which(t) for t in M3_TOOLS),
+    reason="no gcc-arm-none-eabi / qemu-system-arm (benchmarks/cortex_m3.py installs them)",
+)
 def test_emulated_cortex_m3_classifies_as_the_host(tmp_path):
     spec = importlib.util.spec_from_file_location(
-        "cortex_m3", Path(__file__).parents[1] / "benchmarks" / "cortex_m3.py")
+        "cortex_m3", Path(__file__).parents[1] / "benchmarks" / "cortex_m3.py"
+    )
     m3 = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(m3)
-    model, storage = registry_model("resnet20", "slbf", {**SLBF, "float_bits": 8,
-                                                         "fold_batchnorm": True})
+    model, storage = registry_model(
+        "resnet20", "slbf", {**SLBF, "float_bits": 8, "fold_batchnorm": True}
+    )
     loaded, _ = saved(model, tmp_path, **storage)
     export_c(loaded, tmp_path / "c", SHAPE)
     sizes = m3.build_m3(tmp_path / "c")

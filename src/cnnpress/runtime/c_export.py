@@ -39,28 +39,103 @@ from cnnpress.runtime.c_plan import ARENA, INPUT, LOGITS, Op, Plan, View, live_f
 __all__ = ["RUNTIME_FILES", "CProgram", "c_memory", "export_c"]
 
 RUNTIME_FILES = ("cnnpress_rt.c", "cnnpress_rt.h", "main.c")
-_STRUCT = {"conv": "cnnp_conv_t", "epi": "cnnp_epi_t", "binary": "cnnp_binary_t",
-           "ewise": "cnnp_ewise_t", "copy": "cnnp_copy_t", "fill": "cnnp_fill_t",
-           "pool": "cnnp_pool_t"}
+_STRUCT = {
+    "conv": "cnnp_conv_t",
+    "epi": "cnnp_epi_t",
+    "binary": "cnnp_binary_t",
+    "ewise": "cnnp_ewise_t",
+    "copy": "cnnp_copy_t",
+    "fill": "cnnp_fill_t",
+    "pool": "cnnp_pool_t",
+}
 #: sizeof of each descriptor struct (cnnpress_rt.h; only 16- and 32-bit fields, so the same
 #: on 64-bit hosts and 32-bit microcontrollers; a compiler may align each to more).
-DESCRIPTOR_BYTES = {"conv": 116, "epi": 48, "ewise": 60, "binary": 132, "copy": 84,
-                    "fill": 12, "pool": 40}
+DESCRIPTOR_BYTES = {
+    "conv": 116,
+    "epi": 48,
+    "ewise": 60,
+    "binary": 132,
+    "copy": 84,
+    "fill": 12,
+    "pool": 40,
+}
 _BASE = {ARENA: 0, INPUT: 1, LOGITS: 2}  # cnnpress_rt.h: CNNP_ARENA, CNNP_INPUT, CNNP_LOGITS
 #: Fields the C structs keep in 16 bits.
-_SHORT = {"c", "h", "w", "n", "oh", "ow", "kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw",
-          "groups", "d", "m", "scale_n"}
+_SHORT = {
+    "c",
+    "h",
+    "w",
+    "n",
+    "oh",
+    "ow",
+    "kh",
+    "kw",
+    "sh",
+    "sw",
+    "ph",
+    "pw",
+    "dh",
+    "dw",
+    "groups",
+    "d",
+    "m",
+    "scale_n",
+}
 _ORDER = {
-    "conv": ("c", "h", "w", "n", "oh", "ow", "kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw",
-             "groups", "kind", "wt", "code", "code_bits", "pos", "pos_bits", "pos_count", "kept",
-             "sel", "d", "m", "scale", "scale_n", "huff", "bias"),
+    "conv": (
+        "c",
+        "h",
+        "w",
+        "n",
+        "oh",
+        "ow",
+        "kh",
+        "kw",
+        "sh",
+        "sw",
+        "ph",
+        "pw",
+        "dh",
+        "dw",
+        "groups",
+        "kind",
+        "wt",
+        "code",
+        "code_bits",
+        "pos",
+        "pos_bits",
+        "pos_count",
+        "kept",
+        "sel",
+        "d",
+        "m",
+        "scale",
+        "scale_n",
+        "huff",
+        "bias",
+    ),
     "epi": ("c", "plane"),
     "binary": ("op", "ndim", "b_const", "b_value", "shape", "sa", "sb", "channels"),
     "ewise": ("op", "b_const", "n", "channels", "b_value"),
     "copy": ("ndim", "shape", "sx", "sy"),
     "fill": ("n", "value"),
-    "pool": ("kind", "c", "h", "w", "oh", "ow", "kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw",
-             "count_include_pad"),
+    "pool": (
+        "kind",
+        "c",
+        "h",
+        "w",
+        "oh",
+        "ow",
+        "kh",
+        "kw",
+        "sh",
+        "sw",
+        "ph",
+        "pw",
+        "dh",
+        "dw",
+        "count_include_pad",
+    ),
 }
 
 
@@ -68,9 +143,13 @@ def storage_settings(model: nn.Module) -> tuple[int, bool, bool]:
     """``(float_bits, fold_batchnorm, entropy)`` the model's file keeps (what a save of it
     writes: a loaded file's settings, else those of its method's config)."""
     storage = getattr(model, "cnnpress_storage", None) or (
-        (getattr(model, "cnnpress_method", None) or {}).get("config") or {})
-    return (int(storage.get("float_bits", 32)), bool(storage.get("fold_batchnorm", False)),
-            bool(storage.get("entropy", False)))
+        (getattr(model, "cnnpress_method", None) or {}).get("config") or {}
+    )
+    return (
+        int(storage.get("float_bits", 32)),
+        bool(storage.get("fold_batchnorm", False)),
+        bool(storage.get("entropy", False)),
+    )
 
 
 def graph_of(model: nn.Module) -> dict[str, Any]:
@@ -190,9 +269,15 @@ class CProgram:
         return f"    {{{where}\n        {body}\n    }}"
 
     def model_c(self) -> str:
-        out = ['/* Written by cnnpress export --c: the weights as the .cnnp file packs them. */',
-               '#include <math.h>', '#include <stdint.h>', "", '#include "cnnpress_rt.h"',
-               '#include "model.h"', ""]
+        out = [
+            "/* Written by cnnpress export --c: the weights as the .cnnp file packs them. */",
+            "#include <math.h>",
+            "#include <stdint.h>",
+            "",
+            '#include "cnnpress_rt.h"',
+            '#include "model.h"',
+            "",
+        ]
         out.append("/* The weight arrays, one after another (byte offset: array, encoding, shape):")
         for key, offset in self.offsets.items():
             encoding, _, shape = self.arrays[key]
@@ -227,23 +312,32 @@ class CProgram:
     def model_h(self) -> str:
         c, h, w = self.input_shape
         m = self.memory()
-        return "\n".join([
-            "/* Written by cnnpress export --c. */",
-            "#ifndef CNNP_MODEL_H", "#define CNNP_MODEL_H", "",
-            f"#define CNNP_INPUT_C {c}", f"#define CNNP_INPUT_H {h}", f"#define CNNP_INPUT_W {w}",
-            f"#define CNNP_INPUT_SIZE {c * h * w}", f"#define CNNP_OUTPUT_SIZE {m['logits']}",
-            f"#define CNNP_CONST_BYTES {m['const_bytes']}",
-            f"#define CNNP_ARENA_BYTES {m['arena_bytes']}",
-            f"#define CNNP_SCRATCH_BYTES {m['scratch_bytes']}", "",
-            "/* logits = model(input): CNNP_INPUT_SIZE floats (C x H x W, normalised) in,",
-            "   CNNP_OUTPUT_SIZE out. Uses one static arena: not reentrant. Returns 0. */",
-            "int cnnp_predict(const float *input, float *logits);", "", "#endif", "",
-        ])
+        return "\n".join(
+            [
+                "/* Written by cnnpress export --c. */",
+                "#ifndef CNNP_MODEL_H",
+                "#define CNNP_MODEL_H",
+                "",
+                f"#define CNNP_INPUT_C {c}",
+                f"#define CNNP_INPUT_H {h}",
+                f"#define CNNP_INPUT_W {w}",
+                f"#define CNNP_INPUT_SIZE {c * h * w}",
+                f"#define CNNP_OUTPUT_SIZE {m['logits']}",
+                f"#define CNNP_CONST_BYTES {m['const_bytes']}",
+                f"#define CNNP_ARENA_BYTES {m['arena_bytes']}",
+                f"#define CNNP_SCRATCH_BYTES {m['scratch_bytes']}",
+                "",
+                "/* logits = model(input): CNNP_INPUT_SIZE floats (C x H x W, normalised) in,",
+                "   CNNP_OUTPUT_SIZE out. Uses one static arena: not reentrant. Returns 0. */",
+                "int cnnp_predict(const float *input, float *logits);",
+                "",
+                "#endif",
+                "",
+            ]
+        )
 
 
-def c_memory(
-    model: nn.Module, input_shape: tuple[int, int, int] | None = None
-) -> dict[str, Any]:
+def c_memory(model: nn.Module, input_shape: tuple[int, int, int] | None = None) -> dict[str, Any]:
     """The C program's flash and RAM for ``model`` (:meth:`CProgram.memory`): per layer and in
     total the const bytes of the weights, the arena and scratch bytes."""
     return CProgram(model, input_shape).memory()
@@ -274,8 +368,10 @@ def export_c(
     for name in RUNTIME_FILES:
         with resources.as_file(source / name) as path:
             shutil.copyfile(path, out / name)
-    return {**program.memory(), "files": [str(out / n) for n in ("model.c", "model.h",
-                                                                   *RUNTIME_FILES)]}
+    return {
+        **program.memory(),
+        "files": [str(out / n) for n in ("model.c", "model.h", *RUNTIME_FILES)],
+    }
 
 
 def _input_shape(model: nn.Module, given: Any) -> tuple[int, int, int]:
@@ -294,8 +390,11 @@ def _input_shape(model: nn.Module, given: Any) -> tuple[int, int, int]:
 
 
 def _keys(op: Op) -> list[tuple[str, str]]:
-    found = [v for v in op.fields.values() if isinstance(v, tuple) and len(v) == 2
-             and isinstance(v[0], str)]
+    found = [
+        v
+        for v in op.fields.values()
+        if isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], str)
+    ]
     return found + [k for k in op.epi.get("bn", []) if k is not None]
 
 
@@ -306,8 +405,9 @@ def _coalesce(shape: list[int], strides: list[list[int]]) -> tuple[list[int], li
     out_shape: list[int] = []
     out_strides: list[list[int]] = [[] for _ in strides]
     for i in dims:
-        if out_shape and all(st[i] * shape[i] == o[-1] for st, o in zip(strides, out_strides,
-                                                                          strict=True)):
+        if out_shape and all(
+            st[i] * shape[i] == o[-1] for st, o in zip(strides, out_strides, strict=True)
+        ):
             out_shape[-1] *= shape[i]
             for st, o in zip(strides, out_strides, strict=True):
                 o[-1] = st[i]
@@ -352,4 +452,3 @@ def _bytes(data: bytes) -> str:
         return "0"
     hexes = [str(b) for b in data]
     return ",\n".join(",".join(hexes[i : i + 24]) for i in range(0, len(hexes), 24))
-

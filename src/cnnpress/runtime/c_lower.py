@@ -26,23 +26,44 @@ from cnnpress.runtime.c_plan import ExportError, Op, Plan, View, movement_fn
 __all__ = ["SUPPORTED", "Lowerer", "no_epi"]
 
 #: What the C runtime runs, for messages.
-SUPPORTED = ("fp32/float16/int8 layers, slbf, bwn, binaryconnect, magnitude_prune, kmeans, "
-             "filter_prune")
-CONV_TYPES = (nn.Conv2d, nn.Linear, SLBFConv2d, SLBFLinear, BinaryConv2d, BinaryLinear,
-              MaskedLayer, KMeansLayer)
+SUPPORTED = (
+    "fp32/float16/int8 layers, slbf, bwn, binaryconnect, magnitude_prune, kmeans, filter_prune"
+)
+CONV_TYPES = (
+    nn.Conv2d,
+    nn.Linear,
+    SLBFConv2d,
+    SLBFLinear,
+    BinaryConv2d,
+    BinaryLinear,
+    MaskedLayer,
+    KMeansLayer,
+)
 ACT_FUNCS = {"F.relu", "torch.relu", "F.relu6", "F.hardtanh"}
 BINARY = {"add": 0, "torch.add": 0, "sub": 1, "mul": 2}
 POOL_FUNCS = {
-    "F.max_pool2d": ("kernel_size", "stride", "padding", "dilation", "ceil_mode",
-                     "return_indices"),
-    "F.avg_pool2d": ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
-                     "divisor_override"),
+    "F.max_pool2d": ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
+    "F.avg_pool2d": (
+        "kernel_size",
+        "stride",
+        "padding",
+        "ceil_mode",
+        "count_include_pad",
+        "divisor_override",
+    ),
     "F.adaptive_avg_pool2d": ("output_size",),
     "F.adaptive_max_pool2d": ("output_size",),
 }
-POOL_KIND = {"F.max_pool2d": 0, "F.avg_pool2d": 1, "F.adaptive_avg_pool2d": 2,
-             "F.adaptive_max_pool2d": 3, nn.MaxPool2d: 0, nn.AvgPool2d: 1,
-             nn.AdaptiveAvgPool2d: 2, nn.AdaptiveMaxPool2d: 3}
+POOL_KIND = {
+    "F.max_pool2d": 0,
+    "F.avg_pool2d": 1,
+    "F.adaptive_avg_pool2d": 2,
+    "F.adaptive_max_pool2d": 3,
+    nn.MaxPool2d: 0,
+    nn.AvgPool2d: 1,
+    nn.AdaptiveAvgPool2d: 2,
+    nn.AdaptiveMaxPool2d: 3,
+}
 
 
 def huff_ints(alphabet: int) -> int:
@@ -74,8 +95,9 @@ class Lowerer:
         """Whether the file Huffman-codes that stream (``entropy``)."""
         return self.arrays.get((module, name), ("",))[0].startswith("h")
 
-    def __call__(self, plan: Plan, index: int, node: list[Any], args: list[Any],
-                 kwargs: dict[str, Any]) -> tuple[Any, Any]:
+    def __call__(
+        self, plan: Plan, index: int, node: list[Any], args: list[Any], kwargs: dict[str, Any]
+    ) -> tuple[Any, Any]:
         op, target, raw_args, raw_kwargs = node
         with torch.no_grad():
             if op == "module":
@@ -92,35 +114,37 @@ class Lowerer:
         return value, self.function(plan, index, op, target, raw_args, raw_kwargs, value)
 
     # -- modules ------------------------------------------------------------------------------
-    def module(self, plan: Plan, index: int, name: str, module: nn.Module, raw_args: list[Any],
-               value: Any) -> View:
+    def module(
+        self, plan: Plan, index: int, name: str, module: nn.Module, raw_args: list[Any], value: Any
+    ) -> View:
         if isinstance(module, CONV_TYPES):
             return self.conv(plan, name, module, plan.arg_view(raw_args[0]), value)
         if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
             return self.epilogue(plan, index, raw_args[0], self.batchnorm(name, module), name)
         if isinstance(module, (nn.ReLU, nn.ReLU6, nn.Hardtanh)):
-            lo, hi = (0.0, math.inf) if isinstance(module, nn.ReLU) else (
-                module.min_val, module.max_val)
+            lo, hi = (
+                (0.0, math.inf) if isinstance(module, nn.ReLU) else (module.min_val, module.max_val)
+            )
             return self.epilogue(plan, index, raw_args[0], _act(lo, hi), name)
         if isinstance(module, (nn.Identity, nn.Dropout)):
             return plan.arg_view(raw_args[0])
         if isinstance(module, nn.Flatten):
             return plan.movement(module, raw_args, {}, index)
         if type(module) in POOL_KIND:
-            settings = {k: getattr(module, k, None) for k in POOL_FUNCS["F.max_pool2d"]
-                        + POOL_FUNCS["F.avg_pool2d"]}
+            settings = {
+                k: getattr(module, k, None)
+                for k in POOL_FUNCS["F.max_pool2d"] + POOL_FUNCS["F.avg_pool2d"]
+            }
             return self.pool(plan, POOL_KIND[type(module)], raw_args[0], settings, value, name)
         raise ExportError(
-            f"layer {name} ({type(module).__name__}) has no C kernel; the C export runs "
-            f"{SUPPORTED}"
+            f"layer {name} ({type(module).__name__}) has no C kernel; the C export runs {SUPPORTED}"
         )
 
     def batchnorm(self, name: str, bn: nn.Module) -> dict[str, Any]:
         if bn.running_mean is None:
             raise ExportError(f"{name}: a BatchNorm without running statistics has no C kernel")
         if self.key(name, "scale"):
-            return {"bn_kind": 1, "bn": [(name, "scale"), (name, "shift"), None, None],
-                    "eps": 0.0}
+            return {"bn_kind": 1, "bn": [(name, "scale"), (name, "shift"), None, None], "eps": 0.0}
         keys = [self.key(name, k) for k in ("weight", "bias", "running_mean", "running_var")]
         return {"bn_kind": 2, "bn": keys, "eps": float(bn.eps)}
 
@@ -134,14 +158,31 @@ class Lowerer:
         return out
 
     def geometry(self, name: str, m: nn.Module, x: View, out: tuple[int, ...]) -> dict[str, Any]:
-        if not hasattr(m, "kernel_size") or isinstance(m, (SLBFLinear, BinaryLinear)) or (
-            hasattr(m, "is_conv") and not m.is_conv
+        if (
+            not hasattr(m, "kernel_size")
+            or isinstance(m, (SLBFLinear, BinaryLinear))
+            or (hasattr(m, "is_conv") and not m.is_conv)
         ):
             features = x.shape[-1]
             if x.numel != features:
                 raise ExportError(f"{name}: the C linear kernel takes one vector per image")
-            g = dict(c=features, h=1, w=1, n=out[-1], oh=1, ow=1, kh=1, kw=1, sh=1, sw=1,
-                     ph=0, pw=0, dh=1, dw=1, groups=1)
+            g = dict(
+                c=features,
+                h=1,
+                w=1,
+                n=out[-1],
+                oh=1,
+                ow=1,
+                kh=1,
+                kw=1,
+                sh=1,
+                sw=1,
+                ph=0,
+                pw=0,
+                dh=1,
+                dw=1,
+                groups=1,
+            )
             return g
         if len(x.shape) != 4 or getattr(m, "padding_mode", "zeros") != "zeros":
             raise ExportError(f"{name}: the C conv kernel takes N x C x H x W and zero padding")
@@ -149,28 +190,67 @@ class Lowerer:
         if padding is None:
             raise ExportError(f"{name}: uneven 'same' padding has no C kernel")
         (kh, kw), (sh, sw), (dh, dw) = pair(m.kernel_size), pair(m.stride), pair(m.dilation)
-        return dict(c=x.shape[1], h=x.shape[2], w=x.shape[3], n=out[1], oh=out[2], ow=out[3],
-                    kh=kh, kw=kw, sh=sh, sw=sw, ph=padding[0], pw=padding[1], dh=dh, dw=dw,
-                    groups=getattr(m, "groups", 1))
+        return dict(
+            c=x.shape[1],
+            h=x.shape[2],
+            w=x.shape[3],
+            n=out[1],
+            oh=out[2],
+            ow=out[3],
+            kh=kh,
+            kw=kw,
+            sh=sh,
+            sw=sw,
+            ph=padding[0],
+            pw=padding[1],
+            dh=dh,
+            dw=dw,
+            groups=getattr(m, "groups", 1),
+        )
 
     def weights(self, name: str, m: nn.Module, g: dict[str, Any]) -> dict[str, Any]:
         k = self.key
-        f = dict(kind=0, wt=None, code=None, code_bits=0, pos=None, pos_bits=0, pos_count=0,
-                 kept=0, sel=None, d=0, m=0, scale=None, scale_n=0, bias=k(name, "bias"),
-                 huff=int(self.coded(name, "indices")) + 2 * int(self.coded(name, "positions")))
+        f = dict(
+            kind=0,
+            wt=None,
+            code=None,
+            code_bits=0,
+            pos=None,
+            pos_bits=0,
+            pos_count=0,
+            kept=0,
+            sel=None,
+            d=0,
+            m=0,
+            scale=None,
+            scale_n=0,
+            bias=k(name, "bias"),
+            huff=int(self.coded(name, "indices")) + 2 * int(self.coded(name, "positions")),
+        )
         if isinstance(m, (SLBFConv2d, SLBFLinear)):
             s, bits = m.num_slices, index_bits(m.num_filters)
             scratch = s * m.num_filters + m.slice_channels * g["kh"] * g["kw"]
-            f.update(kind=4, code=k(name, "bank"), sel=k(name, "indices"), code_bits=bits,
-                     d=m.slice_channels, m=m.num_filters, scale=k(name, "scale"),
-                     scale_n=g["n"] if m.has_scale else 0,
-                     scratch=scratch + (huff_ints(1 << bits) if f["huff"] & 1 else 0))
+            f.update(
+                kind=4,
+                code=k(name, "bank"),
+                sel=k(name, "indices"),
+                code_bits=bits,
+                d=m.slice_channels,
+                m=m.num_filters,
+                scale=k(name, "scale"),
+                scale_n=g["n"] if m.has_scale else 0,
+                scratch=scratch + (huff_ints(1 << bits) if f["huff"] & 1 else 0),
+            )
         elif isinstance(m, (BinaryConv2d, BinaryLinear)):
             if m.binarize_input:
                 raise ExportError(f"{name}: XNOR's binary inputs have no C kernel ({SUPPORTED})")
             scale = k(name, "alpha") or k(name, "scale")
-            f.update(kind=1, code=k(name, "sign"), scale=scale,
-                     scale_n=0 if scale is None else g["n"] if m.has_alpha else 1)
+            f.update(
+                kind=1,
+                code=k(name, "sign"),
+                scale=scale,
+                scale_n=0 if scale is None else g["n"] if m.has_alpha else 1,
+            )
         elif isinstance(m, (MaskedLayer, KMeansLayer)):
             if m.record is not None:
                 kept, bits, entries = m.record
@@ -180,7 +260,8 @@ class Lowerer:
             else:
                 f.update(kind=2, wt=k(name, "values"))
             f["scratch"] = (huff_ints(1 << f["code_bits"]) if f["huff"] & 1 else 0) + (
-                huff_ints(1 << f["pos_bits"]) if f["huff"] & 2 else 0)
+                huff_ints(1 << f["pos_bits"]) if f["huff"] & 2 else 0
+            )
         elif type(m) in (nn.Conv2d, nn.Linear):
             f.update(kind=0, wt=k(name, "weight"))
         else:
@@ -196,9 +277,12 @@ class Lowerer:
         owner = plan.owner.get(source)
         x = plan.arg_view(arg)
         is_bn = "bn_kind" in part and part["bn_kind"] != 0
-        fusable = owner is not None and plan.users.get(source) == [index] and (
-            owner.epi["act"] == 0) and (
-            not is_bn or (owner.kind in ("conv", "binary") and owner.epi["bn_kind"] == 0))
+        fusable = (
+            owner is not None
+            and plan.users.get(source) == [index]
+            and (owner.epi["act"] == 0)
+            and (not is_bn or (owner.kind in ("conv", "binary") and owner.epi["bn_kind"] == 0))
+        )
         if fusable:
             owner.epi.update(part)
             plan.owner[plan.nodes[index][0]] = owner
@@ -212,8 +296,16 @@ class Lowerer:
         return out
 
     # -- functions and methods ----------------------------------------------------------------
-    def function(self, plan: Plan, index: int, op: str, target: str, args: list[Any],
-                 kwargs: dict[str, Any], value: Any) -> View:
+    def function(
+        self,
+        plan: Plan,
+        index: int,
+        op: str,
+        target: str,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        value: Any,
+    ) -> View:
         if target in ACT_FUNCS or (op == "method" and target == "relu"):
             if target == "F.hardtanh":
                 b = _bind(("input", "min_val", "max_val"), args, kwargs)
@@ -239,8 +331,10 @@ class Lowerer:
 
     def binary(self, plan: Plan, index: int, code: int, args: list[Any], value: Any) -> View:
         shape = tuple(value.shape)
-        tensors = [isinstance(a, dict) and "node" in a and isinstance(plan.views.get(a["node"]),
-                                                                        View) for a in args]
+        tensors = [
+            isinstance(a, dict) and "node" in a and isinstance(plan.views.get(a["node"]), View)
+            for a in args
+        ]
         if not tensors[0]:
             if code == 1 or not tensors[1]:
                 raise ExportError("a constant minus a tensor has no C kernel")
@@ -251,19 +345,33 @@ class Lowerer:
         b = plan.arg_view(args[1]) if all(tensors) else None
         sa = plan.view_of(plan.dummy(a).broadcast_to(shape)).strides
         sb = plan.view_of(plan.dummy(b).broadcast_to(shape)).strides if b else (0,) * len(shape)
-        inplace = a.contiguous and a.shape == shape and plan.dies_here(a, index) and (
-            b is None or b.sid != a.sid or b == a)
+        inplace = (
+            a.contiguous
+            and a.shape == shape
+            and plan.dies_here(a, index)
+            and (b is None or b.sid != a.sid or b == a)
+        )
         out = a if inplace else plan.new_storage(shape)
         const = None if b else float(plan.stand_in(args[1]))
-        fields = {"op": code, "ndim": len(shape), "b_const": int(b is None),
-                  "b_value": const or 0.0, "shape": list(shape), "sa": list(sa), "sb": list(sb),
-                  "channels": shape[1] if len(shape) >= 2 else 1, "a": a, "b": b}
+        fields = {
+            "op": code,
+            "ndim": len(shape),
+            "b_const": int(b is None),
+            "b_value": const or 0.0,
+            "shape": list(shape),
+            "sa": list(sa),
+            "sb": list(sb),
+            "channels": shape[1] if len(shape) >= 2 else 1,
+            "a": a,
+            "b": b,
+        }
         node = plan.add(Op("binary", fields, [a] + ([b] if b else []), out, "", epi=no_epi()))
         plan.owner[plan.nodes[index][0]] = node
         return out
 
-    def pool(self, plan: Plan, kind: int, arg: Any, s: dict[str, Any], value: Any,
-             name: str) -> View:
+    def pool(
+        self, plan: Plan, kind: int, arg: Any, s: dict[str, Any], value: Any, name: str
+    ) -> View:
         x = plan.contiguous(plan.arg_view(arg), name)
         if len(x.shape) != 4 or s.get("return_indices") or s.get("divisor_override"):
             raise ExportError(f"{name}: the C pooling kernel takes N x C x H x W, no indices")
@@ -273,9 +381,23 @@ class Lowerer:
         (sh, sw), (ph, pw) = pair(stride), pair(s.get("padding") or 0)
         dh, dw = pair(s.get("dilation") or 1)
         include = s.get("count_include_pad")
-        fields = dict(kind=kind, c=x.shape[1], h=x.shape[2], w=x.shape[3], oh=value.shape[2],
-                      ow=value.shape[3], kh=kh, kw=kw, sh=sh, sw=sw, ph=ph, pw=pw, dh=dh, dw=dw,
-                      count_include_pad=int(True if include is None else include))
+        fields = dict(
+            kind=kind,
+            c=x.shape[1],
+            h=x.shape[2],
+            w=x.shape[3],
+            oh=value.shape[2],
+            ow=value.shape[3],
+            kh=kh,
+            kw=kw,
+            sh=sh,
+            sw=sw,
+            ph=ph,
+            pw=pw,
+            dh=dh,
+            dw=dw,
+            count_include_pad=int(True if include is None else include),
+        )
         plan.add(Op("pool", fields, [x], out, name))
         return out
 
@@ -289,8 +411,23 @@ class Lowerer:
             raise ExportError("mean over other than the last dimensions has no C kernel")
         inner = math.prod(x.shape[d] for d in dims)
         out = plan.new_storage(tuple(value.shape))
-        fields = dict(kind=2, c=x.numel // inner, h=inner, w=1, oh=1, ow=1, kh=1, kw=1, sh=1,
-                      sw=1, ph=0, pw=0, dh=1, dw=1, count_include_pad=1)
+        fields = dict(
+            kind=2,
+            c=x.numel // inner,
+            h=inner,
+            w=1,
+            oh=1,
+            ow=1,
+            kh=1,
+            kw=1,
+            sh=1,
+            sw=1,
+            ph=0,
+            pw=0,
+            dh=1,
+            dw=1,
+            count_include_pad=1,
+        )
         plan.add(Op("pool", fields, [x], out, "mean"))
         return out
 

@@ -226,9 +226,7 @@ def place(storages: list[Storage]) -> int:
     end = 0
     for s in sorted((s for s in storages if s.base == ARENA), key=lambda s: -s.size):
         taken = sorted(
-            (p.offset, p.offset + p.size)
-            for p in placed
-            if p.first <= s.last and s.first <= p.last
+            (p.offset, p.offset + p.size) for p in placed if p.first <= s.last and s.first <= p.last
         )
         offset = 0
         for lo, hi in taken:
@@ -294,5 +292,9 @@ def movement_fn(op: str, target: str) -> Any | None:
     return None
 
 
-SCALAR_OPS = {"add": operator.add, "sub": operator.sub, "mul": operator.mul,
-              "floordiv": operator.floordiv}
+SCALAR_OPS = {
+    "add": operator.add,
+    "sub": operator.sub,
+    "mul": operator.mul,
+    "floordiv": operator.floordiv,
+}
