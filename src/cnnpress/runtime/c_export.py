@@ -51,7 +51,7 @@ _STRUCT = {
 #: sizeof of each descriptor struct (cnnpress_rt.h; only 16- and 32-bit fields, so the same
 #: on 64-bit hosts and 32-bit microcontrollers; a compiler may align each to more).
 DESCRIPTOR_BYTES = {
-    "conv": 116,
+    "conv": 120,
     "epi": 48,
     "ewise": 60,
     "binary": 132,
@@ -112,6 +112,7 @@ _ORDER = {
         "scale",
         "scale_n",
         "huff",
+        "res",
         "bias",
     ),
     "epi": ("c", "plane"),

@@ -226,6 +226,7 @@ class Lowerer:
             scale_n=0,
             bias=k(name, "bias"),
             huff=int(self.coded(name, "indices")) + 2 * int(self.coded(name, "positions")),
+            res=0,
         )
         if isinstance(m, (SLBFConv2d, SLBFLinear)):
             s, bits = m.num_slices, index_bits(m.num_filters)
@@ -282,6 +283,7 @@ class Lowerer:
             and plan.users.get(source) == [index]
             and (owner.epi["act"] == 0)
             and (not is_bn or (owner.kind in ("conv", "binary") and owner.epi["bn_kind"] == 0))
+            and not (is_bn and owner.fields.get("res"))  # its batch norm comes before the add
         )
         if fusable:
             owner.epi.update(part)
@@ -341,6 +343,11 @@ class Lowerer:
             args = [args[1], args[0]]
         if len(shape) > 6:
             raise ExportError(f"an elementwise operation on {len(shape)} dimensions (at most 6)")
+        if code == 0 and all(tensors):
+            for conv, residual in (args, args[::-1]):
+                fused = _fuse_residual(plan, index, conv["node"], residual["node"], shape)
+                if fused is not None:
+                    return fused
         a = plan.arg_view(args[0])
         b = plan.arg_view(args[1]) if all(tensors) else None
         sa = plan.view_of(plan.dummy(a).broadcast_to(shape)).strides
@@ -460,6 +467,37 @@ class Lowerer:
         inner = plan.view_of(region)
         plan.add(Op("copy", _copy(x, inner), [x], inner, "pad"))
         return out
+
+
+def _fuse_residual(
+    plan: Plan, index: int, conv: str, residual: str, shape: tuple[int, ...]
+) -> View | None:
+    """``conv + residual`` as the conv writing its output over the residual (a ResNet block
+    then holds two maps, not three): where nothing else reads the conv's output, the
+    residual exists before the conv runs, dies here and no op between reads or writes it."""
+    op, r = plan.owner.get(conv), plan.views.get(residual)
+    if op is None or op.kind != "conv" or op.epi["act"] or op.fields.get("res"):
+        return None
+    if plan.users.get(conv) != [index] or not isinstance(r, View) or not r.contiguous:
+        return None
+    after = plan.ops[next(i for i, o in enumerate(plan.ops) if o is op) + 1 :]
+    ok = (
+        r.shape == shape == op.out.shape
+        and r.sid != op.out.sid
+        and plan.storages[r.sid].first < op.step
+        and plan.dies_here(r, index)
+        and all(r.sid != v.sid for later in after for v in [*later.reads, later.out])
+        and all(r.sid != v.sid for v in op.reads)
+    )
+    if not ok:
+        return None
+    plan.storages[op.out.sid].size = 0  # the conv's own output is not needed
+    f = op.fields
+    op.scratch += 2 * f["n"] if f["kind"] == 4 else f["oh"] * f["ow"]
+    op.fields["res"], op.out = 1, r
+    plan.add(op, again=True)
+    plan.owner[plan.nodes[index][0]] = op
+    return r
 
 
 def _copy(src: View, dst: View) -> dict[str, Any]:

@@ -133,12 +133,16 @@ class Plan:
         self.add(Op("copy", _copy_fields(v, out), [v], out, module))
         return out
 
-    def add(self, op: Op) -> Op:
-        op.step = self.step
+    def add(self, op: Op, again: bool = False) -> Op:
+        """Append ``op`` (``again``: it is already there; its views changed): every storage
+        it touches lives at its step."""
+        if not again:
+            op.step = self.step
         for v in [*op.reads, op.out]:
             s = self.storages[v.sid]
-            s.first, s.last = min(s.first, self.step), max(s.last, self.step)
-        self.ops.append(op)
+            s.first, s.last = min(s.first, op.step), max(s.last, op.step)
+        if not again:
+            self.ops.append(op)
         return op
 
     def dies_here(self, v: View, node: int) -> bool:

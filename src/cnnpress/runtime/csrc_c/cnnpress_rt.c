@@ -111,6 +111,29 @@ uint32_t cnnp_huff_next(cnnp_huff *h)
     return 0; /* a damaged stream (the loader's checks refuse one) */
 }
 
+/* Batch norm of channel ch as y = x * a + b. */
+static void cnnp_bn_ab(const cnnp_ctx *ctx, const cnnp_epi *e, int ch, float *a, float *b)
+{
+    *a = 1.0f;
+    *b = 0.0f;
+    if (e->bn_kind == CNNP_BN_FOLDED) {
+        *a = cnnp_vec(ctx, e->bn[0], ch);
+        *b = cnnp_vec(ctx, e->bn[1], ch);
+    } else if (e->bn_kind == CNNP_BN_FULL) {
+        float w = e->bn[0] >= 0 ? cnnp_vec(ctx, e->bn[0], ch) : 1.0f;
+        float bias = e->bn[1] >= 0 ? cnnp_vec(ctx, e->bn[1], ch) : 0.0f;
+        *a = w / sqrtf(cnnp_vec(ctx, e->bn[3], ch) + e->eps);
+        *b = bias - cnnp_vec(ctx, e->bn[2], ch) * *a;
+    }
+}
+
+static float cnnp_act(const cnnp_epi *e, float v)
+{
+    if (e->act == CNNP_ACT_RELU) return v < 0.0f ? 0.0f : v;
+    if (e->act == CNNP_ACT_CLAMP) return v < e->lo ? e->lo : (v > e->hi ? e->hi : v);
+    return v;
+}
+
 static void cnnp_apply_epi(const cnnp_ctx *ctx, const cnnp_epi *e, float *y, int c,
                            int32_t plane)
 {
@@ -118,23 +141,21 @@ static void cnnp_apply_epi(const cnnp_ctx *ctx, const cnnp_epi *e, float *y, int
     int32_t i;
     if (e->bn_kind == CNNP_BN_NONE && e->act == CNNP_ACT_NONE) return;
     for (ch = 0; ch < c; ch++) {
-        float a = 1.0f, b = 0.0f, *row = y + (int32_t)ch * plane;
-        if (e->bn_kind == CNNP_BN_FOLDED) {
-            a = cnnp_vec(ctx, e->bn[0], ch);
-            b = cnnp_vec(ctx, e->bn[1], ch);
-        } else if (e->bn_kind == CNNP_BN_FULL) {
-            float w = e->bn[0] >= 0 ? cnnp_vec(ctx, e->bn[0], ch) : 1.0f;
-            float bias = e->bn[1] >= 0 ? cnnp_vec(ctx, e->bn[1], ch) : 0.0f;
-            a = w / sqrtf(cnnp_vec(ctx, e->bn[3], ch) + e->eps);
-            b = bias - cnnp_vec(ctx, e->bn[2], ch) * a;
-        }
-        for (i = 0; i < plane; i++) {
-            float v = e->bn_kind == CNNP_BN_NONE ? row[i] : row[i] * a + b;
-            if (e->act == CNNP_ACT_RELU) v = v < 0.0f ? 0.0f : v;
-            else if (e->act == CNNP_ACT_CLAMP) v = v < e->lo ? e->lo : (v > e->hi ? e->hi : v);
-            row[i] = v;
-        }
+        float a, b, *row = y + (int32_t)ch * plane;
+        cnnp_bn_ab(ctx, e, ch, &a, &b);
+        for (i = 0; i < plane; i++)
+            row[i] = cnnp_act(e, e->bn_kind == CNNP_BN_NONE ? row[i] : row[i] * a + b);
     }
+}
+
+/* A conv's output channel oc as y = acc * a + b: its scale and bias, then its batch norm. */
+static void cnnp_out_ab(const cnnp_ctx *ctx, const cnnp_conv_t *p, int oc, float *a, float *b)
+{
+    float s = p->scale_n ? cnnp_vec(ctx, p->scale, p->scale_n == 1 ? 0 : oc) : 1.0f;
+    float c = p->bias >= 0 ? cnnp_vec(ctx, p->bias, oc) : 0.0f, bn_a, bn_b;
+    cnnp_bn_ab(ctx, &p->epi, oc, &bn_a, &bn_b);
+    *a = s * bn_a;
+    *b = c * bn_a + bn_b;
 }
 
 void cnnp_epilogue(const cnnp_ctx *ctx, const cnnp_epi_t *p)
@@ -225,7 +246,27 @@ static void cnnp_conv_stream(const cnnp_ctx *ctx, const cnnp_conv_t *p, const fl
         cnnp_huff_init(&it.code, cnnp_w(ctx, p->code), 1 << p->code_bits, tables);
         tables += CNNP_HUFF_INTS(1 << p->code_bits);
     }
-    if (p->huff & 2) cnnp_huff_init(&it.pos, cnnp_w(ctx, p->pos), 1 << p->pos_bits, tables);
+    if (p->huff & 2) {
+        cnnp_huff_init(&it.pos, cnnp_w(ctx, p->pos), 1 << p->pos_bits, tables);
+        tables += CNNP_HUFF_INTS(1 << p->pos_bits);
+    }
+    if (p->res) { /* one output channel at a time in scratch, then added to the residual */
+        float *acc = (float *)tables, a, b;
+        int have = cnnp_next(ctx, p, &it, total, &idx, &v), oc;
+        int32_t i;
+        for (oc = 0; oc < p->n; oc++) {
+            float *out = y + (int32_t)oc * plane;
+            memset(acc, 0, sizeof(float) * (size_t)plane);
+            for (; have && idx / (cg * taps) == oc; have = cnnp_next(ctx, p, &it, total, &idx, &v)) {
+                int rest = idx % (cg * taps), tap = rest % taps;
+                cnnp_axpy(p, x + (int32_t)((oc / ng) * cg + rest / taps) * plane_in, acc, v,
+                          tap / p->kw, tap % p->kw);
+            }
+            cnnp_out_ab(ctx, p, oc, &a, &b);
+            for (i = 0; i < plane; i++) out[i] = cnnp_act(&p->epi, acc[i] * a + b + out[i]);
+        }
+        return;
+    }
     memset(y, 0, sizeof(float) * (size_t)p->n * (size_t)plane);
     while (cnnp_next(ctx, p, &it, total, &idx, &v)) {
         int oc = idx / (cg * taps), rest = idx % (cg * taps);
@@ -245,8 +286,13 @@ static void cnnp_conv_slbf(const cnnp_ctx *ctx, const cnnp_conv_t *p, const floa
     float *z = ctx->scratch, *patch = ctx->scratch + s * p->m, all;
     const uint8_t *bank = cnnp_w(ctx, p->code), *sel = cnnp_w(ctx, p->sel);
     cnnp_huff coded;
-    if (p->huff & 1) /* Huffman-coded selections: decoded in order at every position */
-        cnnp_huff_init(&coded, sel, 1 << p->code_bits, (int32_t *)(patch + taps));
+    float *ab = patch + taps; /* with a residual: each output channel's y = sum * a + b */
+    if (p->huff & 1) { /* Huffman-coded selections: decoded in order at every position */
+        cnnp_huff_init(&coded, sel, 1 << p->code_bits, (int32_t *)ab);
+        ab += CNNP_HUFF_INTS(1 << p->code_bits);
+    }
+    if (p->res)
+        for (i = 0; i < p->n; i++) cnnp_out_ab(ctx, p, i, ab + 2 * i, ab + 2 * i + 1);
     for (oh = 0; oh < p->oh; oh++) {
         for (ow = 0; ow < p->ow; ow++) {
             for (j = 0; j < s; j++) {
@@ -275,7 +321,12 @@ static void cnnp_conv_slbf(const cnnp_ctx *ctx, const cnnp_conv_t *p, const floa
                     sum += z[j * p->m + (int)((p->huff & 1) ? cnnp_huff_next(&coded)
                                                             : cnnp_bits(sel, i * s + j,
                                                                         p->code_bits))];
-                y[(int32_t)i * plane + (int32_t)oh * p->ow + ow] = sum;
+                if (p->res) { /* the residual is where the output goes */
+                    float *out = y + (int32_t)i * plane + (int32_t)oh * p->ow + ow;
+                    *out = cnnp_act(&p->epi, sum * ab[2 * i] + ab[2 * i + 1] + *out);
+                } else {
+                    y[(int32_t)i * plane + (int32_t)oh * p->ow + ow] = sum;
+                }
             }
         }
     }
@@ -289,6 +340,7 @@ void cnnp_conv(const cnnp_ctx *ctx, const cnnp_conv_t *p)
     int oc;
     if (p->kind == CNNP_W_SLBF) cnnp_conv_slbf(ctx, p, x, y);
     else cnnp_conv_stream(ctx, p, x, y);
+    if (p->res) return; /* scale, bias, batch norm, residual and activation are done */
     for (oc = 0; oc < p->n; oc++) {
         float a = p->scale_n ? cnnp_vec(ctx, p->scale, p->scale_n == 1 ? 0 : oc) : 1.0f;
         float b = p->bias >= 0 ? cnnp_vec(ctx, p->bias, oc) : 0.0f;

@@ -53,6 +53,7 @@ typedef struct {
     int16_t d, m;        /* SLBF: slice channels, bank filters */
     int16_t scale_n;     /* per-filter scales: 0, 1 (BinaryConnect) or n (BWN alpha, SLBF) */
     int16_t huff;        /* Huffman-coded streams: 1 the indices (code or sel), 2 pos */
+    int16_t res;         /* 1: y holds a residual that the output adds before the activation */
     cnnp_arr wt;         /* dense: weights; sparse: kept values; k-means: codebook */
     cnnp_arr code;       /* binary: sign bits (1 = +1); k-means: indices; SLBF: bank bits */
     cnnp_arr pos;        /* sparse and pruned k-means: positions of the kept weights */
