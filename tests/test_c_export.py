@@ -311,6 +311,8 @@ def test_flash_and_ram_are_what_model_o_holds(tmp_path, method):
     flash = sum(v for k, v in s.items() if k.startswith((".text", ".rodata", ".data")))
     for key in ("const_bytes", "descriptor_bytes"):
         assert info[key] == sum(row[key] for row in info["layers"])
+    # a residual block holds two 16 x 28 x 28 maps: the second conv writes over the residual
+    assert info["arena_bytes"] == 2 * 4 * 16 * 28 * 28
     live = [row["live_bytes"] for row in info["layers"]]  # per layer, as it runs
     assert 0 < max(live) <= info["ram_bytes"]
     # every weight byte and descriptor is in flash, once (each array aligned to 32 bytes)
