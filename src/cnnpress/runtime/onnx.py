@@ -153,9 +153,8 @@ def _stored_names(stored: list[tuple[nn.Module, str]]) -> list[str]:
     return [f"s{i}" for i in range(len(stored))]
 
 
-def _exported(
-    fed: _Fed, x: torch.Tensor, stored: list[tuple[nn.Module, str]], opset: int
-) -> bytes:
+def _exported(fed: _Fed, x: torch.Tensor, opset: int) -> bytes:
+    stored = fed.stored
     values = [getattr(module, name).clone() for module, name in stored]
     buffer = io.BytesIO()
     with warnings.catch_warnings():
@@ -326,7 +325,7 @@ def export_onnx(
     x = torch.randn(2, *shape, dtype=_float_dtype(model))
     deploy = _deploy_model(model, mode, x)
     stored = stored_tensors(deploy) if mode == "stm" else []
-    proto = onnx.load_from_string(_exported(_Fed(deploy, stored), x, stored, opset_version))
+    proto = onnx.load_from_string(_exported(_Fed(deploy, stored), x, opset_version))
     if stored:
         _stored_to_initializers(proto, stored)
     _constants_to_initializers(proto.graph)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnpress.floats import check_float_bits, q8_decode, q8_encode, q8_rows
+from cnnpress.floats import check_float_bits, q8_encode, q8_rows
 from cnnpress.methods.slbf import SLBFConv2d
 
 __all__ = [
@@ -66,13 +66,6 @@ class StoredFloats(nn.Module):
     def stored(self) -> list[str]:
         """The buffers the export keeps as they are (float32 needs no protection)."""
         return {32: [], 16: ["data"], 8: ["data", "scale"]}[self.float_bits]
-
-    def value(self) -> torch.Tensor:
-        """The float32 values the graph computes (for checks)."""
-        if self.float_bits == 8:
-            data = self.scale.numpy().astype("<f4").tobytes() + self.data.numpy().tobytes()
-            return torch.from_numpy(q8_decode(data, self.shape))
-        return self.data.float()
 
 
 def _optional(values: torch.Tensor | None, float_bits: int) -> StoredFloats | None:
