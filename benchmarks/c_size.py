@@ -16,7 +16,6 @@ divided by their number; PyTorch's is ``model(x[i:i+1])`` per image with one thr
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys
@@ -30,7 +29,12 @@ import torch
 import cnnpress
 from cnnpress.data import Loader, load_dataset
 from cnnpress.pretrained import resolve
-from cnnpress.provenance import ALLOW_DIRTY_HELP, require_clean_or_exit, result_provenance
+from cnnpress.provenance import (
+    ALLOW_DIRTY_HELP,
+    require_clean_or_exit,
+    script_provenance,
+    write_result,
+)
 from cnnpress.runtime import export_c
 
 BUILD = "cc -std=c99 -O2 -Wall -Wextra -Werror *.c -lm -o prog"
@@ -128,15 +132,13 @@ def main() -> None:
             path = resolve(name) if name.startswith("pretrained:") else Path(name)
             rows.append(measure(name, Path(path), x, labels, folder))
     result = {
-        **result_provenance(sys.argv, allow_dirty=args.allow_dirty or not args.out),
-        "command": "python " + " ".join(sys.argv),
+        **script_provenance(args.out, args.allow_dirty),
         "compiler": subprocess.run(
             ["cc", "--version"], capture_output=True, text=True, check=True
         ).stdout.splitlines()[0],
         "rows": rows,
     }
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import yaml
@@ -20,7 +19,12 @@ import cnnpress
 from cnnpress.api import load_model
 from cnnpress.data import DatasetSpec, Loader, load_dataset
 from cnnpress.format import read_info
-from cnnpress.provenance import ALLOW_DIRTY_HELP, require_clean_or_exit, result_provenance
+from cnnpress.provenance import (
+    ALLOW_DIRTY_HELP,
+    require_clean_or_exit,
+    script_provenance,
+    write_result,
+)
 from cnnpress.train.loop import evaluate
 
 
@@ -95,8 +99,7 @@ def main() -> None:
     require_clean_or_exit(args.allow_dirty or not args.out)  # a results file: clean tree
     records = [collect(r) for r in args.runs]
     out = {
-        **result_provenance(sys.argv, allow_dirty=args.allow_dirty or not args.out),
-        "command": "python " + " ".join(sys.argv),
+        **script_provenance(args.out, args.allow_dirty),
         "runs": records,
         "configs": {
             r["run"]: yaml.safe_load((run / "config.yaml").read_text())
@@ -104,9 +107,7 @@ def main() -> None:
         },
     }
     print(table(records))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(out, indent=2) + "\n")
+    write_result(args.out, out)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ the sizes are those of a trained file) and any ``--files``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -34,7 +33,12 @@ import torch
 
 import cnnpress
 from cnnpress.data import Loader, load_dataset
-from cnnpress.provenance import ALLOW_DIRTY_HELP, require_clean_or_exit, result_provenance
+from cnnpress.provenance import (
+    ALLOW_DIRTY_HELP,
+    require_clean_or_exit,
+    script_provenance,
+    write_result,
+)
 from cnnpress.runtime import export_c
 
 HARNESS = Path(__file__).parent / "cortex_m3"
@@ -233,16 +237,14 @@ def main() -> None:
         for name, model, count in models:
             rows.append(measure(name, model, x[:count], labels[:count], folder, args.timeout))
     result = {
-        **result_provenance(sys.argv, allow_dirty=args.allow_dirty or not args.out),
-        "command": "python " + " ".join(sys.argv),
+        **script_provenance(args.out, args.allow_dirty),
         "compiler": subprocess.run(
             ["arm-none-eabi-gcc", "--version"], capture_output=True, text=True, check=True
         ).stdout.splitlines()[0],
         "flags": M3_FLAGS,
         "rows": rows,
     }
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,12 @@ import cnnpress
 from cnnpress.data import DatasetSpec, Loader, load_dataset
 from cnnpress.format import read_info
 from cnnpress.pretrained import resolve
-from cnnpress.provenance import ALLOW_DIRTY_HELP, require_clean_or_exit, result_provenance
+from cnnpress.provenance import (
+    ALLOW_DIRTY_HELP,
+    require_clean_or_exit,
+    script_provenance,
+    write_result,
+)
 from cnnpress.train.loop import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,8 +96,7 @@ def main(argv: list[str] | None = None) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
     command = ["benchmarks/demo.py", *(sys.argv[1:] if argv is None else argv)]
     result = {
-        **result_provenance(command, allow_dirty=args.allow_dirty or not args.out),
-        "command": "python " + " ".join(command),
+        **script_provenance(args.out, args.allow_dirty, command),
         "demo": [
             f"cnnpress compress --recipe {RECIPE} --out DIR",
             "cnnpress summary DIR",
@@ -119,11 +123,8 @@ def main(argv: list[str] | None = None) -> None:
             "ratio": run_result.get("ratio"),
         },
     }
-    text = json.dumps(result, indent=2) + "\n"
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    print(json.dumps(result, indent=1))
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -12,15 +12,18 @@ stream of 2+ bits (SLBF selections, cluster indices) and the Shannon bound.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from collections import defaultdict
 from pathlib import Path
 
 import cnnpress
 from cnnpress.format import read_info
 from cnnpress.format.layout import entropy_code, entropy_report, layout
-from cnnpress.provenance import ALLOW_DIRTY_HELP, require_clean_or_exit, result_provenance
+from cnnpress.provenance import (
+    ALLOW_DIRTY_HELP,
+    require_clean_or_exit,
+    script_provenance,
+    write_result,
+)
 
 
 def kind(key: str, encoding: str) -> str:
@@ -95,13 +98,7 @@ def main() -> None:
                 f"  all index streams: {r['index_packed_bytes']:,} -> "
                 f"{r['index_stored_bytes']:,} bytes ({100 * total:.1f}% saved)"
             )
-    if args.out:
-        doc = {
-            **result_provenance(sys.argv, allow_dirty=args.allow_dirty),
-            "command": "python " + " ".join(sys.argv),
-            "files": results,
-        }
-        args.out.write_text(json.dumps(doc, indent=2) + "\n")
+    write_result(args.out, {**script_provenance(args.out, args.allow_dirty), "files": results})
 
 
 if __name__ == "__main__":

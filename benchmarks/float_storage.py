@@ -10,8 +10,6 @@ that model is one the width applies to). Writes JSON with the command, commit an
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import tempfile
 from pathlib import Path
 
@@ -19,7 +17,12 @@ import torch
 
 import cnnpress
 from cnnpress.data import Loader, load_dataset
-from cnnpress.provenance import ALLOW_DIRTY_HELP, require_clean_or_exit, result_provenance
+from cnnpress.provenance import (
+    ALLOW_DIRTY_HELP,
+    require_clean_or_exit,
+    script_provenance,
+    write_result,
+)
 from cnnpress.train.loop import evaluate
 
 
@@ -48,12 +51,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         rows = measure(cnnpress.load("pretrained:resnet20-fmnist"), test, Path(tmp), "fp32")
     result = {
-        **result_provenance(sys.argv, allow_dirty=args.allow_dirty or not args.out),
-        "command": "python " + " ".join(sys.argv),
+        **script_provenance(args.out, args.allow_dirty),
         "rows": rows,
     }
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,7 +33,12 @@ from torch import nn
 import cnnpress
 from cnnpress import kernel
 from cnnpress.methods.slbf import SLBFConv2d, set_path
-from cnnpress.provenance import ALLOW_DIRTY_HELP, require_clean_or_exit, result_provenance
+from cnnpress.provenance import (
+    ALLOW_DIRTY_HELP,
+    require_clean_or_exit,
+    script_provenance,
+    write_result,
+)
 from cnnpress.runtime import to_dense
 
 #: (channels, image side) of the 3x3 layers of ResNet-20 and VGG-16 on 32x32 inputs.
@@ -282,8 +286,7 @@ def main() -> None:
         sys.exit(1)
     threads_before = torch.get_num_threads()
     result = {
-        **result_provenance(sys.argv, allow_dirty=args.allow_dirty or not args.out),
-        "command": "python " + " ".join(sys.argv),
+        **script_provenance(args.out, args.allow_dirty),
         "kernel": {k: v for k, v in info.items() if k != "build_directory"},  # a local path
         "load_average_before": os.getloadavg(),
         "settings": {
@@ -298,12 +301,9 @@ def main() -> None:
     torch.set_num_threads(threads_before)
     result["load_average_after"] = os.getloadavg()
     tables(result, args.console)
-    text = json.dumps(result, indent=2) + "\n"
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
-    else:
-        print(text)
+    if args.out is None:
+        print(json.dumps(result, indent=1))
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,6 @@ difference of the logits from the loaded PyTorch model and how many predicted cl
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import tempfile
 from pathlib import Path
 
@@ -27,7 +25,12 @@ import torch
 
 import cnnpress
 from cnnpress.data import Loader, load_dataset
-from cnnpress.provenance import ALLOW_DIRTY_HELP, require_clean_or_exit, result_provenance
+from cnnpress.provenance import (
+    ALLOW_DIRTY_HELP,
+    require_clean_or_exit,
+    script_provenance,
+    write_result,
+)
 from cnnpress.runtime import export_onnx
 
 STORAGE = {"float_bits": 8, "fold_batchnorm": True, "entropy": True}
@@ -87,12 +90,10 @@ def main() -> None:
         for file in args.files:
             rows.append(measure(file, Path(file), x, folder))
     result = {
-        **result_provenance(sys.argv, allow_dirty=args.allow_dirty or not args.out),
-        "command": "python " + " ".join(sys.argv),
+        **script_provenance(args.out, args.allow_dirty),
         "rows": rows,
     }
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -12,17 +12,19 @@ settings::
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
-from pathlib import Path
 
 import torch
 
 import cnnpress
 from cnnpress.budget import PLAN_SLICES, plan
 from cnnpress.methods.apply import make_config
-from cnnpress.provenance import ALLOW_DIRTY_HELP, require_clean_or_exit, result_provenance
+from cnnpress.provenance import (
+    ALLOW_DIRTY_HELP,
+    require_clean_or_exit,
+    script_provenance,
+    write_result,
+)
 
 STORAGE = {"float_bits": 8, "fold_batchnorm": True, "entropy": True}
 
@@ -75,13 +77,11 @@ def main() -> None:
                 flush=True,
             )
     result = {
-        **result_provenance(sys.argv, allow_dirty=args.allow_dirty or not args.out),
-        "command": "python " + " ".join(sys.argv),
+        **script_provenance(args.out, args.allow_dirty),
         "note": "random initial weights (the planner's speed does not depend on training)",
         "rows": rows,
     }
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,6 @@ weight signs that flipped. Writes JSON with the command, commit and machine::
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 
 import torch
@@ -23,7 +21,12 @@ import cnnpress
 from cnnpress.data import Loader, load_dataset
 from cnnpress.methods.binary import BinaryConv2d
 from cnnpress.methods.slbf import learning_stats, snapshot
-from cnnpress.provenance import ALLOW_DIRTY_HELP, require_clean_or_exit, result_provenance
+from cnnpress.provenance import (
+    ALLOW_DIRTY_HELP,
+    require_clean_or_exit,
+    script_provenance,
+    write_result,
+)
 
 
 def _steps(model: torch.nn.Module, args: argparse.Namespace) -> float:
@@ -89,8 +92,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     t0 = time.time()
     result = {
-        **result_provenance(sys.argv, allow_dirty=args.allow_dirty or not args.out),
-        "command": "python " + " ".join(sys.argv),
+        **script_provenance(args.out, args.allow_dirty),
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "slbf": slbf_run(args),
         "bwn": bwn_run(args),
@@ -103,9 +105,7 @@ def main() -> None:
         f"{total['filters_used']}/{total['num_filters']} bank filters used; "
         f"BWN: {result['bwn']['signs_flipped']}/{result['bwn']['weights']} signs flipped"
     )
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

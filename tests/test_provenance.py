@@ -50,6 +50,21 @@ def test_a_clean_tree_records_dirty_false_and_no_git_records_none(tree):
     assert provenance.result_provenance(["x"])["dirty"] is None
 
 
+def test_a_script_result_records_its_command_and_needs_a_clean_tree_only_for_a_file(
+    tree, tmp_path
+):
+    tree(DIRTY)
+    argv = ["benchmarks/x.py", "--out", "r.json"]
+    with pytest.raises(CnnpressError, match="uncommitted changes"):
+        provenance.script_provenance("r.json", False, argv)
+    printed = provenance.script_provenance(None, False, argv)  # printed only: not refused
+    assert printed["command"] == "python benchmarks/x.py --out r.json" and printed["dirty"]
+    out = tmp_path / "deep" / "r.json"
+    provenance.write_result(out, {"rows": [1, 2]})
+    assert json.loads(out.read_text()) == {"rows": [1, 2]}
+    provenance.write_result(None, {"rows": []})  # no file asked for: nothing written
+
+
 def test_git_commit_reports_this_checkout():
     commit = provenance.git_commit()
     assert commit is None or len(commit.removesuffix("+dirty")) == 40
@@ -105,7 +120,7 @@ def test_every_benchmark_script_has_the_check():
     for name in SCRIPTS:
         text = (BENCHMARKS / name).read_text()
         assert "require_clean_or_exit(" in text and "--allow-dirty" in text, name
-        assert "result_provenance(" in text, name
+        assert "script_provenance(" in text and "write_result(" in text, name
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

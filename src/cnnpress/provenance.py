@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,6 +22,8 @@ __all__ = [
     "require_clean",
     "require_clean_or_exit",
     "result_provenance",
+    "script_provenance",
+    "write_result",
 ]
 
 #: The help text of every ``--allow-dirty`` flag (``cnnpress compare`` and the benchmarks).
@@ -120,3 +124,25 @@ def result_provenance(
         "commit": commit,
         "dirty": None if commit is None else commit.endswith("+dirty"),
     }
+
+
+def script_provenance(out: object, allow_dirty: bool, argv: list[str] | None = None) -> dict:
+    """:func:`result_provenance` for a benchmark script run as ``python SCRIPT ARGS``.
+
+    The tree must be clean only when the result goes to a file (``out`` is set); the command
+    is recorded as it was typed.
+    """
+    argv = sys.argv if argv is None else argv
+    return {
+        **result_provenance(argv, allow_dirty=allow_dirty or not out),
+        "command": "python " + " ".join(argv),
+    }
+
+
+def write_result(path: str | Path | None, result: dict[str, Any]) -> None:
+    """Write a results file as indented JSON; nothing when ``path`` is ``None``."""
+    if path is None:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
