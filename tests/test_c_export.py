@@ -28,7 +28,7 @@ from cnnpress.cli.main import main
 from cnnpress.data import get_spec, load_dataset, normalize
 from cnnpress.errors import CnnpressError
 from cnnpress.methods.slbf import SLBFLayer
-from cnnpress.runtime import c_memory, export_c
+from cnnpress.runtime import c_lower, c_memory, export_c
 
 CC = shutil.which("cc")
 SIZE = shutil.which("size")
@@ -59,8 +59,11 @@ def saved(model: nn.Module, tmp_path: Path, **storage) -> tuple[nn.Module, int]:
     return cnnpress.load(path), size
 
 
-def build(model: nn.Module, out: Path, shape: tuple[int, ...] = SHAPE) -> tuple[Path, dict]:
-    """Export, then compile with the documented command; a failed build fails the test."""
+def build(
+    model: nn.Module, out: Path, shape: tuple[int, ...] = SHAPE, flags: tuple[str, ...] = ()
+) -> tuple[Path, dict]:
+    """Export, then compile with the documented command (and ``flags``); a failed build fails
+    the test."""
     info = export_c(model, out, shape)
     sources = sorted(str(p) for p in out.glob("*.c"))
     cmd = [
@@ -70,6 +73,7 @@ def build(model: nn.Module, out: Path, shape: tuple[int, ...] = SHAPE) -> tuple[
         "-Wall",
         "-Wextra",
         "-Werror",
+        *flags,
         *sources,
         "-lm",
         "-o",
@@ -166,6 +170,32 @@ def test_registry_models_match_pytorch(tmp_path, name, method, settings):
         assert re.search(r"\.(indices|positions), h\d+ ", source)
         assert re.search(r"\.huff = [123],", source)
     check(loaded, prog, torch.randn(3, *SHAPE))
+
+
+#: The cases whose kernels use scratch: SLBF (a tile's patches, responses and sums, decoded
+#: selections) and the Huffman decoders' tables.
+SCRATCH_CASES = [
+    c for c in CASES if not hasattr(c, "marks") and (c[1] == "slbf" or c[2].get("entropy"))
+]
+SANITIZE = ("-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-g")
+
+
+@needs_cc
+@pytest.mark.parametrize(("name", "method", "settings"), SCRATCH_CASES)
+def test_kernels_stay_inside_the_scratch_and_arena_the_export_sizes(
+    tmp_path, name, method, settings
+):
+    """Built with AddressSanitizer and UBSan: a read or write past the static arena or scratch
+    (a scratch size in c_lower that is too small for the kernel) aborts the program."""
+    model, storage = registry_model(name, method, dict(settings))
+    loaded, _ = saved(model, tmp_path, **storage)
+    prog, _ = build(loaded, tmp_path / "c", flags=SANITIZE)
+    check(loaded, prog, torch.randn(2, *SHAPE))
+
+
+def test_the_slbf_tile_is_the_same_in_c_and_python():
+    header = (Path(c_lower.__file__).parent / "csrc_c" / "cnnpress_rt.h").read_text()
+    assert f"#define CNNP_TILE {c_lower.TILE}\n" in header
 
 
 class MyNet(nn.Module):

@@ -71,6 +71,17 @@ def huff_ints(alphabet: int) -> int:
     return 3 * 25 + (alphabet + 1) // 2
 
 
+#: Output positions the SLBF kernel computes at once (``CNNP_TILE`` in cnnpress_rt.h).
+TILE = 16
+
+
+def slbf_scratch(n: int, s: int, m: int, kk: int, bits: int, coded: bool) -> int:
+    """Scratch (32-bit words) of the SLBF kernel for n outputs of s slices over m bank filters
+    with kk = kh * kw: a tile's patches of one channel, responses and sums, and the selections
+    decoded (n * s uint16) with the decoder's tables when they are Huffman-coded."""
+    return TILE * (kk + m + 1 + n) + (huff_ints(1 << bits) + (n * s + 1) // 2 if coded else 0)
+
+
 def no_epi() -> dict[str, Any]:
     """An epilogue that does nothing."""
     return {"bn_kind": 0, "bn": [None] * 4, "eps": 0.0, "act": 0, "lo": 0.0, "hi": 0.0}
@@ -230,7 +241,6 @@ class Lowerer:
         )
         if isinstance(m, (SLBFConv2d, SLBFLinear)):
             s, bits = m.num_slices, index_bits(m.num_filters)
-            scratch = s * m.num_filters + m.slice_channels * g["kh"] * g["kw"]
             f.update(
                 kind=4,
                 code=k(name, "bank"),
@@ -240,7 +250,9 @@ class Lowerer:
                 m=m.num_filters,
                 scale=k(name, "scale"),
                 scale_n=g["n"] if m.has_scale else 0,
-                scratch=scratch + (huff_ints(1 << bits) if f["huff"] & 1 else 0),
+                scratch=slbf_scratch(
+                    g["n"], s, m.num_filters, g["kh"] * g["kw"], bits, bool(f["huff"] & 1)
+                ),
             )
         elif isinstance(m, (BinaryConv2d, BinaryLinear)):
             if m.binarize_input:

@@ -276,59 +276,111 @@ static void cnnp_conv_stream(const cnnp_ctx *ctx, const cnnp_conv_t *p, const fl
     }
 }
 
-/* SLBF, split-transform-merge at each output position: the d x kh x kw patch of each slice
- * through all m bank filters (+-1 weights: adds and subtracts), then output i gathers and
- * adds the responses its selections name. Scratch: s*m responses and one patch. */
+/* SLBF, split-transform-merge over tiles of CNNP_TILE output positions (row-major, across
+ * rows): for each slice, the tile's d x kh x kw patches go through all m bank filters (+-1
+ * weights: adds and subtracts along the tile), one input channel of the slice at a time;
+ * then each output channel adds the response its selection for that slice names. Every inner
+ * loop runs along the tile, so it has a fixed length and no branch (the compiler vectorises
+ * it); a tile's lanes past the plane compute zeros that are never stored. Scratch
+ * (cnnpress.runtime.c_lower.slbf_scratch): one channel's kh x kw patches, the m responses and
+ * the n sums of the tile; the selections decoded once when Huffman-coded; with a residual,
+ * each output channel's y = sum * a + b. */
+
+/* The kh x kw patches of channel xc at the tile's positions: patch[q][e] for tap q. */
+static void cnnp_slbf_patches(const cnnp_conv_t *p, const float *xc, const int *ih0,
+                              const int *iw0, float *patch)
+{
+    int q, e;
+    for (q = 0; q < p->kh * p->kw; q++) {
+        int dy = (q / p->kw) * p->dh, dx = (q % p->kw) * p->dw;
+        float *row = patch + q * CNNP_TILE;
+        for (e = 0; e < CNNP_TILE; e++) {
+            int ih = ih0[e] + dy, iw = iw0[e] + dx;
+            row[e] = ih >= 0 && ih < p->h && iw >= 0 && iw < p->w ? xc[(int32_t)ih * p->w + iw]
+                                                                    : 0.0f;
+        }
+    }
+}
+
+/* z[t][e] += twice the patch values under the 1 bits of taps [first, first + kk) of bank
+ * filter t (taps bits each); all[e] += the patch values under every tap. The +-1 response is
+ * then z - all: the 1 bits' sum minus the 0 bits' sum, with half the additions. */
+static void cnnp_slbf_bank(const uint8_t *bank, int m, int taps, int first, int kk,
+                           const float *patch, float *z, float *all)
+{
+    int t, q, e;
+    for (q = 0; q < kk; q++)
+        for (e = 0; e < CNNP_TILE; e++) all[e] += patch[q * CNNP_TILE + e];
+    for (t = 0; t < m; t++) {
+        float *zt = z + t * CNNP_TILE;
+        uint32_t b = (uint32_t)t * (uint32_t)taps + (uint32_t)first;
+        for (q = 0; q < kk; q++, b++)
+            if ((bank[b >> 3] >> (b & 7u)) & 1u)
+                for (e = 0; e < CNNP_TILE; e++) zt[e] += 2.0f * patch[q * CNNP_TILE + e];
+    }
+}
+
+/* The tile's n sums to y at flat output positions [at, at + count). */
+static void cnnp_slbf_store(const cnnp_conv_t *p, const float *acc, const float *ab,
+                            int32_t at, int count, float *y)
+{
+    int32_t plane = (int32_t)p->oh * p->ow;
+    int i, e;
+    for (i = 0; i < p->n; i++) {
+        float *out = y + (int32_t)i * plane + at;
+        const float *a = acc + i * CNNP_TILE;
+        if (p->res) /* the residual is where the output goes */
+            for (e = 0; e < count; e++)
+                out[e] = cnnp_act(&p->epi, a[e] * ab[2 * i] + ab[2 * i + 1] + out[e]);
+        else
+            for (e = 0; e < count; e++) out[e] = a[e];
+    }
+}
+
 static void cnnp_conv_slbf(const cnnp_ctx *ctx, const cnnp_conv_t *p, const float *x, float *y)
 {
-    int s = p->c / p->d, taps = p->d * p->kh * p->kw, oh, ow, j, t, q, i;
-    int32_t plane_in = (int32_t)p->h * p->w, plane = (int32_t)p->oh * p->ow;
-    float *z = ctx->scratch, *patch = ctx->scratch + s * p->m, all;
+    int s = p->c / p->d, kk = p->kh * p->kw, taps = p->d * kk, i, j, cd, e, count;
+    int32_t plane_in = (int32_t)p->h * p->w, plane = (int32_t)p->oh * p->ow, at;
     const uint8_t *bank = cnnp_w(ctx, p->code), *sel = cnnp_w(ctx, p->sel);
-    cnnp_huff coded;
-    float *ab = patch + taps; /* with a residual: each output channel's y = sum * a + b */
-    if (p->huff & 1) { /* Huffman-coded selections: decoded in order at every position */
-        cnnp_huff_init(&coded, sel, 1 << p->code_bits, (int32_t *)ab);
-        ab += CNNP_HUFF_INTS(1 << p->code_bits);
+    float *patch = ctx->scratch, *z = patch + kk * CNNP_TILE, *all = z + p->m * CNNP_TILE;
+    float *acc = all + CNNP_TILE;
+    float *ab = acc + p->n * CNNP_TILE;
+    uint16_t *decoded = 0;
+    int ih0[CNNP_TILE], iw0[CNNP_TILE];
+    if (p->huff & 1) { /* Huffman-coded selections: decoded once, in order */
+        cnnp_huff coded;
+        int32_t *tables = (int32_t *)ab, k;
+        cnnp_huff_init(&coded, sel, 1 << p->code_bits, tables);
+        decoded = (uint16_t *)(tables + CNNP_HUFF_INTS(1 << p->code_bits));
+        for (k = 0; k < (int32_t)p->n * s; k++) decoded[k] = (uint16_t)cnnp_huff_next(&coded);
+        ab = (float *)decoded + ((int32_t)p->n * s + 1) / 2;
     }
     if (p->res)
         for (i = 0; i < p->n; i++) cnnp_out_ab(ctx, p, i, ab + 2 * i, ab + 2 * i + 1);
-    for (oh = 0; oh < p->oh; oh++) {
-        for (ow = 0; ow < p->ow; ow++) {
-            for (j = 0; j < s; j++) {
-                for (q = 0; q < taps; q++) {
-                    int cd = q / (p->kh * p->kw), ky = (q / p->kw) % p->kh, kx = q % p->kw;
-                    int ih = oh * p->sh - p->ph + ky * p->dh, iw = ow * p->sw - p->pw + kx * p->dw;
-                    int in = ih >= 0 && ih < p->h && iw >= 0 && iw < p->w;
-                    patch[q] = in ? x[(int32_t)(j * p->d + cd) * plane_in + (int32_t)ih * p->w + iw]
-                                  : 0.0f;
-                }
-                all = 0.0f;
-                for (q = 0; q < taps; q++) all += patch[q];
-                for (t = 0; t < p->m; t++) { /* +-1 weights: twice the sum of the patch's
-                                              * values under 1 bits, minus the whole sum */
-                    float plus = 0.0f;
-                    uint32_t b = (uint32_t)t * (uint32_t)taps;
-                    for (q = 0; q < taps; q++, b++)
-                        if ((bank[b >> 3] >> (b & 7u)) & 1u) plus += patch[q];
-                    z[j * p->m + t] = 2.0f * plus - all;
-                }
+    for (at = 0; at < plane; at += CNNP_TILE) {
+        count = plane - at < CNNP_TILE ? (int)(plane - at) : CNNP_TILE;
+        for (e = 0; e < CNNP_TILE; e++) { /* lanes past the plane read nothing (all padding) */
+            int32_t o = at + e;
+            ih0[e] = e < count ? (int)(o / p->ow) * p->sh - p->ph : -16384;
+            iw0[e] = e < count ? (int)(o % p->ow) * p->sw - p->pw : -16384;
+        }
+        for (e = 0; e < p->n * CNNP_TILE; e++) acc[e] = 0.0f;
+        for (j = 0; j < s; j++) {
+            for (e = 0; e < (p->m + 1) * CNNP_TILE; e++) z[e] = 0.0f;
+            for (cd = 0; cd < p->d; cd++) {
+                cnnp_slbf_patches(p, x + (int32_t)(j * p->d + cd) * plane_in, ih0, iw0, patch);
+                cnnp_slbf_bank(bank, p->m, taps, cd * kk, kk, patch, z, all);
             }
-            if (p->huff & 1) coded.pos = 0;
+            for (e = 0; e < p->m * CNNP_TILE; e++) z[e] -= all[e % CNNP_TILE];
             for (i = 0; i < p->n; i++) {
-                float sum = 0.0f;
-                for (j = 0; j < s; j++)
-                    sum += z[j * p->m + (int)((p->huff & 1) ? cnnp_huff_next(&coded)
-                                                            : cnnp_bits(sel, i * s + j,
-                                                                        p->code_bits))];
-                if (p->res) { /* the residual is where the output goes */
-                    float *out = y + (int32_t)i * plane + (int32_t)oh * p->ow + ow;
-                    *out = cnnp_act(&p->epi, sum * ab[2 * i] + ab[2 * i + 1] + *out);
-                } else {
-                    y[(int32_t)i * plane + (int32_t)oh * p->ow + ow] = sum;
-                }
+                int32_t k = (int32_t)i * s + j;
+                const float *zt = z + (decoded ? decoded[k] : cnnp_bits(sel, k, p->code_bits)) *
+                                          CNNP_TILE;
+                float *a = acc + i * CNNP_TILE;
+                for (e = 0; e < CNNP_TILE; e++) a[e] += zt[e];
             }
         }
+        cnnp_slbf_store(p, acc, ab, at, count, y);
     }
 }
 

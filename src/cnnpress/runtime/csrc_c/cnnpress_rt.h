@@ -11,6 +11,8 @@
 #include <stdint.h>
 
 #define CNNP_MAX_DIMS 6
+/* Output positions an SLBF kernel computes at once (cnnpress.runtime.c_lower.TILE). */
+#define CNNP_TILE 16
 
 enum { CNNP_ARENA = 0, CNNP_INPUT = 1, CNNP_LOGITS = 2 };
 enum { CNNP_W_DENSE = 0, CNNP_W_BINARY = 1, CNNP_W_SPARSE = 2, CNNP_W_KMEANS = 3, CNNP_W_SLBF = 4 };
