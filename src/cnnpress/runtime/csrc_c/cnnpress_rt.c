@@ -306,17 +306,52 @@ static void cnnp_slbf_patches(const cnnp_conv_t *p, const float *xc, const int *
  * filter t (taps bits each); all[e] += the patch values under every tap. The +-1 response is
  * then z - all: the 1 bits' sum minus the 0 bits' sum, with half the additions. */
 static void cnnp_slbf_bank(const uint8_t *bank, int m, int taps, int first, int kk,
-                           const float *patch, float *z, float *all)
+                           const float *restrict patch, float *restrict z,
+                           float *restrict all)
 {
     int t, q, e;
     for (q = 0; q < kk; q++)
         for (e = 0; e < CNNP_TILE; e++) all[e] += patch[q * CNNP_TILE + e];
     for (t = 0; t < m; t++) {
-        float *zt = z + t * CNNP_TILE;
+        float *restrict zt = z + t * CNNP_TILE;
         uint32_t b = (uint32_t)t * (uint32_t)taps + (uint32_t)first;
         for (q = 0; q < kk; q++, b++)
             if ((bank[b >> 3] >> (b & 7u)) & 1u)
                 for (e = 0; e < CNNP_TILE; e++) zt[e] += 2.0f * patch[q * CNNP_TILE + e];
+    }
+}
+
+/* z[t][e]: bank filter t's +-1 response to slice xs (d channels) at the tile's positions.
+ * Scratch: patch (kh x kw rows), then z (m rows and the all row after them). */
+static void cnnp_slbf_responses(const cnnp_conv_t *p, const float *xs, const int *ih0,
+                                const int *iw0, const uint8_t *bank, float *patch, float *z)
+{
+    int kk = p->kh * p->kw, cd, t, e;
+    int32_t plane_in = (int32_t)p->h * p->w;
+    float *restrict all = z + p->m * CNNP_TILE;
+    for (e = 0; e < (p->m + 1) * CNNP_TILE; e++) z[e] = 0.0f;
+    for (cd = 0; cd < p->d; cd++) {
+        cnnp_slbf_patches(p, xs + (int32_t)cd * plane_in, ih0, iw0, patch);
+        cnnp_slbf_bank(bank, p->m, p->d * kk, cd * kk, kk, patch, z, all);
+    }
+    for (t = 0; t < p->m; t++) {
+        float *restrict zt = z + t * CNNP_TILE;
+        for (e = 0; e < CNNP_TILE; e++) zt[e] -= all[e];
+    }
+}
+
+/* acc[i][e] += the response that output i's selection for slice j names. */
+static void cnnp_slbf_gather(const cnnp_conv_t *p, const float *restrict z,
+                             const uint16_t *decoded, const uint8_t *sel, int j,
+                             float *restrict acc)
+{
+    int s = p->c / p->d, i, e;
+    for (i = 0; i < p->n; i++) {
+        int32_t k = (int32_t)i * s + j;
+        const float *restrict zt =
+            z + (decoded ? decoded[k] : cnnp_bits(sel, k, p->code_bits)) * CNNP_TILE;
+        float *restrict a = acc + i * CNNP_TILE;
+        for (e = 0; e < CNNP_TILE; e++) a[e] += zt[e];
     }
 }
 
@@ -339,11 +374,10 @@ static void cnnp_slbf_store(const cnnp_conv_t *p, const float *acc, const float 
 
 static void cnnp_conv_slbf(const cnnp_ctx *ctx, const cnnp_conv_t *p, const float *x, float *y)
 {
-    int s = p->c / p->d, kk = p->kh * p->kw, taps = p->d * kk, i, j, cd, e, count;
+    int s = p->c / p->d, kk = p->kh * p->kw, i, j, e, count;
     int32_t plane_in = (int32_t)p->h * p->w, plane = (int32_t)p->oh * p->ow, at;
     const uint8_t *bank = cnnp_w(ctx, p->code), *sel = cnnp_w(ctx, p->sel);
-    float *patch = ctx->scratch, *z = patch + kk * CNNP_TILE, *all = z + p->m * CNNP_TILE;
-    float *acc = all + CNNP_TILE;
+    float *patch = ctx->scratch, *z = patch + kk * CNNP_TILE, *acc = z + (p->m + 1) * CNNP_TILE;
     float *ab = acc + p->n * CNNP_TILE;
     uint16_t *decoded = 0;
     int ih0[CNNP_TILE], iw0[CNNP_TILE];
@@ -366,19 +400,8 @@ static void cnnp_conv_slbf(const cnnp_ctx *ctx, const cnnp_conv_t *p, const floa
         }
         for (e = 0; e < p->n * CNNP_TILE; e++) acc[e] = 0.0f;
         for (j = 0; j < s; j++) {
-            for (e = 0; e < (p->m + 1) * CNNP_TILE; e++) z[e] = 0.0f;
-            for (cd = 0; cd < p->d; cd++) {
-                cnnp_slbf_patches(p, x + (int32_t)(j * p->d + cd) * plane_in, ih0, iw0, patch);
-                cnnp_slbf_bank(bank, p->m, taps, cd * kk, kk, patch, z, all);
-            }
-            for (e = 0; e < p->m * CNNP_TILE; e++) z[e] -= all[e % CNNP_TILE];
-            for (i = 0; i < p->n; i++) {
-                int32_t k = (int32_t)i * s + j;
-                const float *zt = z + (decoded ? decoded[k] : cnnp_bits(sel, k, p->code_bits)) *
-                                          CNNP_TILE;
-                float *a = acc + i * CNNP_TILE;
-                for (e = 0; e < CNNP_TILE; e++) a[e] += zt[e];
-            }
+            cnnp_slbf_responses(p, x + (int32_t)j * p->d * plane_in, ih0, iw0, bank, patch, z);
+            cnnp_slbf_gather(p, z, decoded, sel, j, acc);
         }
         cnnp_slbf_store(p, acc, ab, at, count, y);
     }
