@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from matplotlib.figure import Figure
 
 from cnnpress.cli.main import main
-from cnnpress.compare import load_recipe, pareto_front, run_comparison, table
+from cnnpress.compare import _plot_curves, load_recipe, pareto_front, run_comparison, table
 from cnnpress.errors import ConfigError
 from cnnpress.format import read_info
 
@@ -172,3 +173,20 @@ def test_a_run_from_a_file_is_measured_not_trained_and_serves_as_init(compared, 
 
     result = run_comparison(path, train_run, measure=lambda done: [d[0] for d in done])
     assert result["runs"] == ["given", "bwn"] and trained == [resolved["bwn"]["out"]]
+
+
+def test_the_plot_draws_each_trained_runs_test_and_training_curves():
+    records = [
+        {"run": "fp32", "curve": [[0, 80.0], [1, 90.0]], "train_curve": [[0, 75.0], [1, 92.0]]},
+        {"run": "slbf", "curve": [[-1, 10.0], [0, 70.0]], "train_curve": [[0, 60.0]]},
+        {"run": "from-a-file", "curve": [], "train_curve": []},  # not trained here: no curve
+    ]
+    ax = Figure().subplots()
+    _plot_curves(ax, records)
+    lines = [(list(line.get_xdata()), list(line.get_ydata())) for line in ax.lines]
+    assert lines == [
+        ([1, 2], [80.0, 90.0]),
+        ([1, 2], [75.0, 92.0]),
+        ([0, 1], [10.0, 70.0]),  # epoch 0: before training
+        ([1], [60.0]),
+    ]

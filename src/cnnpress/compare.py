@@ -192,23 +192,27 @@ def table(records: list[dict[str, Any]]) -> str:
 
 
 def plot(records: list[dict[str, Any]], path: str | Path, title: str) -> None:
-    """Accuracy against compression ratio (log axis), one point per run, Pareto front drawn."""
+    """Two panels: accuracy against compression ratio (log axis, one point per run, the Pareto
+    front drawn), and each run's training curves (test and training accuracy per epoch)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, (left, right) = plt.subplots(1, 2, figsize=(15, 5.5))
+    _plot_ratio(left, records, title)
+    _plot_curves(right, records)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_ratio(ax: Any, records: list[dict[str, Any]], title: str) -> None:
     points = [(r["ratio"], r["accuracy"]) for r in records]
     front = pareto_front(points)
-    fig, ax = plt.subplots(figsize=(8, 5.5))
     for r in records:
-        ax.scatter(
-            r["ratio"],
-            r["accuracy"],
-            s=40,
-            zorder=3,
-            color="tab:red" if r["method"] == "slbf" else "tab:blue",
-        )
+        color = "tab:red" if r["method"] == "slbf" else "tab:blue"
+        ax.scatter(r["ratio"], r["accuracy"], s=40, zorder=3, color=color)
         ax.annotate(
             r["run"],
             (r["ratio"], r["accuracy"]),
@@ -231,9 +235,24 @@ def plot(records: list[dict[str, Any]], path: str | Path, title: str) -> None:
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+
+
+def _plot_curves(ax: Any, records: list[dict[str, Any]]) -> None:
+    """Test accuracy (solid; epoch 0 is before training) and training accuracy (dashed) per
+    epoch of each run that was trained here."""
+    for i, r in enumerate(r for r in records if r.get("curve")):
+        color = f"C{i % 10}"
+        test = r["curve"]
+        ax.plot(
+            [e + 1 for e, _ in test], [a for _, a in test], "-o", ms=3, color=color, label=r["run"]
+        )
+        train = r.get("train_curve") or []
+        ax.plot([e + 1 for e, _ in train], [a for _, a in train], "--", color=color)
+    ax.set_xlabel("epoch (0: before training)")
+    ax.set_ylabel("accuracy (%): test solid, training dashed")
+    ax.set_title("training curves")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
 
 
 def _curve(metrics: Path) -> list[list[float]]:
