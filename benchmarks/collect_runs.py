@@ -53,7 +53,7 @@ def collect(run: Path) -> dict:
         "method": result["method"],
         "method_config": result.get("method_config"),
         "epochs": result["epochs"],
-        "train_minutes": sum(h["epoch_seconds"] for h in history) / 60,
+        "train_minutes": sum(h.get("epoch_seconds", 0) for h in history) / 60,  # not epoch -1
         "test_accuracy_in_run": result["test_accuracy"],
         "test_accuracy_from_file": accuracy,
         "test_accuracy_by_epoch": [h.get("test_accuracy") for h in history],
