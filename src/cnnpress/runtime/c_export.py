@@ -60,8 +60,8 @@ DESCRIPTOR_BYTES = {
     "pool": 40,
 }
 _BASE = {ARENA: 0, INPUT: 1, LOGITS: 2}  # cnnpress_rt.h: CNNP_ARENA, CNNP_INPUT, CNNP_LOGITS
-#: Fields the C structs keep in 16 bits.
-_SHORT = {
+#: A conv's geometry, in the order of cnnp_conv_t's fields.
+_GEOMETRY = (
     "c",
     "h",
     "w",
@@ -77,27 +77,12 @@ _SHORT = {
     "dh",
     "dw",
     "groups",
-    "d",
-    "m",
-    "scale_n",
-}
+)
+#: Fields the C structs keep in 16 bits.
+_SHORT = {*_GEOMETRY, "d", "m", "scale_n"}
 _ORDER = {
     "conv": (
-        "c",
-        "h",
-        "w",
-        "n",
-        "oh",
-        "ow",
-        "kh",
-        "kw",
-        "sh",
-        "sw",
-        "ph",
-        "pw",
-        "dh",
-        "dw",
-        "groups",
+        *_GEOMETRY,
         "kind",
         "wt",
         "code",

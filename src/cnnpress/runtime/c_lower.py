@@ -71,6 +71,9 @@ def huff_ints(alphabet: int) -> int:
     return 3 * 25 + (alphabet + 1) // 2
 
 
+#: The geometry of a 1x1 window over a 1x1 output (a linear layer, a mean over rows).
+POINTWISE = dict(oh=1, ow=1, kh=1, kw=1, sh=1, sw=1, ph=0, pw=0, dh=1, dw=1)
+
 #: Output positions the SLBF kernel computes at once (``CNNP_TILE`` in cnnpress_rt.h).
 TILE = 16
 
@@ -177,23 +180,7 @@ class Lowerer:
             features = x.shape[-1]
             if x.numel != features:
                 raise ExportError(f"{name}: the C linear kernel takes one vector per image")
-            g = dict(
-                c=features,
-                h=1,
-                w=1,
-                n=out[-1],
-                oh=1,
-                ow=1,
-                kh=1,
-                kw=1,
-                sh=1,
-                sw=1,
-                ph=0,
-                pw=0,
-                dh=1,
-                dw=1,
-                groups=1,
-            )
+            g = dict(c=features, h=1, w=1, n=out[-1], groups=1, **POINTWISE)
             return g
         if len(x.shape) != 4 or getattr(m, "padding_mode", "zeros") != "zeros":
             raise ExportError(f"{name}: the C conv kernel takes N x C x H x W and zero padding")
@@ -435,17 +422,8 @@ class Lowerer:
             c=x.numel // inner,
             h=inner,
             w=1,
-            oh=1,
-            ow=1,
-            kh=1,
-            kw=1,
-            sh=1,
-            sw=1,
-            ph=0,
-            pw=0,
-            dh=1,
-            dw=1,
             count_include_pad=1,
+            **POINTWISE,
         )
         plan.add(Op("pool", fields, [x], out, "mean"))
         return out
