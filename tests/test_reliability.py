@@ -210,6 +210,37 @@ def test_resume_before_the_first_checkpoint_starts_the_run_over(tmp_path, capsys
     assert [m["epoch"] for m in metric_lines(out)] == [0]
 
 
+@pytest.mark.parametrize(
+    ("method", "settings"),
+    [
+        ("kmeans", "{bits: 3, sparsity: 0.9}"),  # the masks come from the init weights
+        ("magnitude_prune", "{sparsity: 0.6, prune_epochs: 2}"),  # masks change in training
+        ("filter_prune", "{ratio: 0.3, scope: global}"),  # the kept counts, too
+    ],
+)
+def test_resume_of_a_run_whose_conversion_reads_the_init_weights(
+    lenet_run, tmp_path, capsys, method, settings
+):
+    recipe = tmp_path / "method.yaml"
+    recipe.write_text(
+        f"data_options: {{num_samples: 64}}\nmethod: {method}\nmethod_config: {settings}\n"
+    )
+    out = tmp_path / "run"
+    argv = ["--recipe", str(recipe), "--init", str(lenet_run), *LENET]
+    code, _, err = run(capsys, "compress", *argv, "--epochs", "1", "--out", str(out))
+    assert code == 0, err
+    first = tensors(out / "checkpoint.safetensors")
+    code, _, err = run(capsys, "compress", "--resume", "--out", str(out), "--epochs", "2")
+    assert code == 0, err
+    assert "resuming" in err and [m["epoch"] for m in metric_lines(out)] == [-1, 0, 1]
+    masks = [k for k in first if k.endswith(".mask")]
+    resumed = tensors(out / "checkpoint.safetensors")
+    assert all(resumed[k].sum() == first[k].sum() for k in masks)  # the ramp ended at epoch 1
+    if method == "kmeans":  # its masks are fixed once made from the init weights
+        assert masks and all(torch.equal(resumed[k], first[k]) for k in masks)
+    assert cnnpress.load(out / "model.cnnp").cnnpress_method["name"] == method
+
+
 # --- 3. bad input: one line, exit code 2, nothing lost ------------------------------------
 
 

@@ -11,7 +11,7 @@ import cnnpress
 from cnnpress.api import load_model
 from cnnpress.data import Loader, load_dataset
 from cnnpress.errors import ConfigError
-from cnnpress.train.checkpoint import CheckpointError
+from cnnpress.train.checkpoint import CheckpointError, read_meta
 from cnnpress.train.config import TrainConfig
 from cnnpress.train.loop import fit, lr_at, recalibrate_batchnorm
 
@@ -53,6 +53,38 @@ def test_resume_after_interruption_gives_identical_weights(tmp_path):
         assert torch.equal(a, b), name
     lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in lines] == [0, 1, 2]
+
+
+def pruned_lenet():
+    torch.manual_seed(0)
+    net = cnnpress.models.create("lenet5", 1, 4)
+    return cnnpress.compress(net, "magnitude_prune", sparsity=0.6, prune_epochs=2)
+
+
+def test_resume_in_the_middle_of_a_pruning_ramp_gives_identical_weights(tmp_path):
+    """The checkpoint's masks (and their layout in the config) are not the fresh model's."""
+    torch.set_num_threads(1)
+    cfg = TrainConfig(epochs=3, lr=0.05, seed=0)
+    train, test = loaders()
+    method = cnnpress.methods.get("magnitude_prune")()
+    full = pruned_lenet()
+    fit(full, train, test, cfg, tmp_path / "full", method=method)
+
+    def stop(model, epoch, epochs):  # in the second epoch: the first one's checkpoint is saved
+        if epoch == 1:
+            raise InterruptError
+
+    part = pruned_lenet()
+    with pytest.raises(InterruptError):
+        fit(part, train, test, cfg, tmp_path / "cut", method=method, on_epoch_end=stop)
+    resumed = pruned_lenet()
+    dense = resumed.cnnpress_method["config"]["sparse_layout"]
+    saved = read_meta(tmp_path / "cut" / "checkpoint.safetensors")["method"]["config"]
+    assert saved["sparse_layout"] != dense  # the ramp had begun
+    fit(resumed, train, test, cfg, tmp_path / "cut", resume=True, method=method)
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert resumed.cnnpress_method == full.cnnpress_method  # the layout of the trained masks
 
 
 def test_training_learns_the_synthetic_task(tmp_path):

@@ -152,9 +152,9 @@ def _build(
         **(cfg.get("model_args") or {}),
     )
     before = budget = None
-    if cfg.get("init") and not resume:  # a checkpoint replaces the weights anyway
+    if cfg.get("init"):  # also on a resume: the conversion reads the weights (masks, counts)
         model = _trained(cfg["init"], model)
-        if ctx.is_main:  # the "before" of the before/after table, measured here
+        if ctx.is_main and not resume:  # the "before" of the before/after table
             before = _measure_start(model, cfg["init"], test_loader, spec)
     if cfg.get("method"):
         given = cfg["method_config"]

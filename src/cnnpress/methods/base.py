@@ -273,6 +273,9 @@ class Method:
     layer_types: ClassVar[tuple[type, ...]] = ()
     #: What of a conv's geometry the method's layers keep (:class:`cnnpress.geometry.Represents`).
     represents: ClassVar[Represents] = PLAIN_CONV
+    #: Config fields that record what training changes (a pruning mask's layout). A checkpoint
+    #: restores them with its tensors (then :meth:`sync`), so a freshly built model's may differ.
+    trained_state: ClassVar[tuple[str, ...]] = ()
 
     def resolve(self, model: nn.Module, config: Any) -> Any:
         """Fill data-dependent decisions into the config before :meth:`convert`.

@@ -196,6 +196,7 @@ class KMeans(Method):
     Config = KMeansConfig
     layer_types = (KMeansLayer,)
     represents = ANY_CONV  # the layers keep the conv's own geometry
+    trained_state = ("sparse_layout",)  # the masks, restored from a checkpoint's tensors
 
     def resolve(self, model: nn.Module, config: KMeansConfig) -> KMeansConfig:
         """Record each pruned layer's sparse layout as conversion will make it (on a copy)."""

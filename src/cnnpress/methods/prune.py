@@ -152,6 +152,7 @@ class MagnitudePrune(Method):
     Config = MagnitudePruneConfig
     layer_types = (MaskedLayer,)
     represents = ANY_CONV  # the layers keep the conv's own geometry
+    trained_state = ("sparse_layout",)  # the masks, restored from a checkpoint's tensors
 
     def resolve(self, model: nn.Module, config: MagnitudePruneConfig) -> MagnitudePruneConfig:
         """Record each layer's sparse layout as conversion will make it (on a copy)."""

@@ -20,6 +20,8 @@ from torch import nn
 
 from cnnpress.atomic import atomic_write_bytes
 from cnnpress.errors import CnnpressError
+from cnnpress.methods import get as get_method
+from cnnpress.methods import names as method_names
 from cnnpress.methods.apply import rebuild
 from cnnpress.models import arch_of
 
@@ -121,8 +123,20 @@ def _describe(meta: dict[str, Any], other: dict[str, Any]) -> str:
     return text
 
 
+def _settings(meta: dict[str, Any]) -> dict[str, Any]:
+    """``meta`` without the method's trained state (``Method.trained_state``), which a
+    checkpoint restores from its tensors: what a fresh model must share with it."""
+    method = meta.get("method")
+    if not isinstance(method, dict) or method.get("name") not in method_names():
+        return meta  # no method, or one this version lacks: compared as it is
+    state = get_method(method["name"]).trained_state
+    config = {k: v for k, v in (method.get("config") or {}).items() if k not in state}
+    return {**meta, "method": {**method, "config": config}}
+
+
 def _check_fits(meta: dict[str, Any], model: nn.Module, path: Path) -> None:
     own = json.loads(json.dumps(model_meta(model), default=str))  # as stored: lists, not tuples
+    meta, own = _settings(meta), _settings(own)
     if "arch" in meta and (meta["arch"] != own["arch"] or meta.get("method") != own["method"]):
         raise CheckpointError(
             f"{path} does not fit this model: it holds a {_describe(meta, own)}, but this run "
@@ -207,6 +221,8 @@ def load_checkpoint(
     _check_fits(meta, model, path)
     tensors = read_tensors(path, data)
     load_state(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, path)
+    if meta.get("method"):  # the trained state (masks) is loaded: re-record it in the config
+        get_method(meta["method"]["name"])().sync(model)
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
