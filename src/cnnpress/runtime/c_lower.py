@@ -180,8 +180,7 @@ class Lowerer:
             features = x.shape[-1]
             if x.numel != features:
                 raise ExportError(f"{name}: the C linear kernel takes one vector per image")
-            g = dict(c=features, h=1, w=1, n=out[-1], groups=1, **POINTWISE)
-            return g
+            return dict(c=features, h=1, w=1, n=out[-1], groups=1, **POINTWISE)
         if len(x.shape) != 4 or getattr(m, "padding_mode", "zeros") != "zeros":
             raise ExportError(f"{name}: the C conv kernel takes N x C x H x W and zero padding")
         padding = numeric_padding(m) if isinstance(m.padding, str) else pair(m.padding)
