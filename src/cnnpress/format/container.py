@@ -3,12 +3,13 @@
 Layout (all integers little-endian)::
 
     magic      8 bytes   b"\\x89CNNP\\r\\n\\x1a"
-    version    u16       format version (this code writes 3 and reads 1 to 3)
+    version    u16       format version (this code writes 3 or 4 and reads 1 to 4)
     length     u32       bytes of the manifest
     manifest   zlib-compressed UTF-8 JSON: architecture (registry name and arguments), method
                and config, float width, dataset spec (normalisation, class names),
                provenance (command, commit, accuracy), the array count and the sizes of
-               the entropy-coded arrays
+               the entropy-coded arrays; from format 4, the activation quantization
+               (``"activations"``: bits, observer, a scale and zero point per tensor)
     payload    the arrays in layout order (``format.layout``), each padded to a whole byte
     crc16      u16 per array (format 3): CRC-16/CCITT of each array's bytes, in payload order
     checksum   u32       CRC-32 of everything before it
@@ -18,6 +19,8 @@ can hold (``format.validate``) before it builds anything, rebuilds the model fro
 derives the array layout from it, refuses a manifest that disagrees with it and checks each
 array against its CRC-16. Every problem raises :class:`FormatError` with one line; nothing else
 escapes. Format 1 listed every array's encoding and shape; format 2 has no per-array CRCs.
+A file is written with the oldest version that holds it: 4 where it records activations (an
+older reader would drop them and run the model in float), else 3.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from cnnpress.format.layout import (
 )
 from cnnpress.format.validate import (
     array_checksums,
+    check_activations,
     check_array_checksums,
     check_manifest,
     inflate,
@@ -61,7 +65,9 @@ from cnnpress.pretrained import resolve
 __all__ = ["FORMAT_VERSION", "MAGIC", "FormatError", "FileInfo", "load", "read_info", "save"]
 
 MAGIC = b"\x89CNNP\r\n\x1a"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
+#: The version of files that record no activations (what format 4 adds).
+_PLAIN_VERSION = 3
 _HEAD = struct.Struct("<8sHI")
 
 
@@ -79,6 +85,18 @@ def _assemble(manifest: dict[str, Any], payload: bytes, version: int = FORMAT_VE
     return body + struct.pack("<I", zlib.crc32(body))
 
 
+def _activations(
+    model: nn.Module, given: dict[str, Any] | None, path: str | Path
+) -> dict[str, Any] | None:
+    """``given``, else what ``model`` records, checked as the loader will check it."""
+    activations = given if given is not None else getattr(model, "cnnpress_activations", None)
+    try:
+        check_activations(activations)
+    except CnnpressError as err:
+        raise FormatError(f"cannot save {path}: {err}") from None
+    return activations
+
+
 def save(
     model: nn.Module,
     path: str | Path,
@@ -89,6 +107,7 @@ def save(
     entropy: bool | None = None,
     dataset: dict[str, Any] | None = None,
     provenance: dict[str, Any] | None = None,
+    activations: dict[str, Any] | None = None,
 ) -> int:
     """Write ``model`` to ``path`` as a ``.cnnp`` file, atomically; returns the file's bytes.
 
@@ -109,7 +128,14 @@ def save(
             ``fold_batchnorm``, ``entropy``, as SLBF with a size budget records them), else off.
         dataset: Dataset spec (``DatasetSpec.to_dict()``); default ``model.cnnpress_dataset``.
         provenance: Command, commit, accuracy...; default ``model.cnnpress_provenance``.
+        activations: Activation quantization, ``{"bits": 8 or 4, "observer": name,
+            "tensors": {graph node: [scale, zero_point]}}``; default
+            ``model.cnnpress_activations``. A file that records it is format 4.
+
+    Raises:
+        FormatError: ``activations`` is malformed (``format.validate.check_activations``).
     """
+    activations = _activations(model, activations, path)
     recorded = getattr(model, "cnnpress_method", None)
     wanted = (recorded or {}).get("config") or {}
     if float_bits is None:
@@ -141,8 +167,11 @@ def save(
         "count": len(entries),
         "coded": {str(i): e.size for i, e in enumerate(entries) if e.size is not None},
     }
+    if activations is not None:
+        manifest["activations"] = activations
+    version = FORMAT_VERSION if activations is not None else _PLAIN_VERSION
     blobs = [encode(e) for e in entries]
-    data = _assemble(manifest, b"".join(blobs) + array_checksums(blobs))
+    data = _assemble(manifest, b"".join(blobs) + array_checksums(blobs), version)
     atomic_write_bytes(path, data)
     return len(data)
 
@@ -267,7 +296,8 @@ def _listed_layout(path: Path, manifest: dict[str, Any], expected: list[Entry]) 
 def load(path: str | Path) -> nn.Module:
     """Rebuild the model stored at ``path`` (or ``pretrained:NAME``), in eval mode, no pickle.
 
-    The model gets ``cnnpress_dataset`` and ``cnnpress_provenance`` from the manifest.
+    The model gets ``cnnpress_dataset``, ``cnnpress_provenance`` and ``cnnpress_activations``
+    (``None`` where the file records none) from the manifest.
 
     Raises:
         FormatError: The file is missing, damaged, too new or inconsistent (one line).
@@ -312,12 +342,14 @@ def load(path: str | Path) -> nn.Module:
         raise _fail(path, f"payload does not fit the model ({err})") from None
     model.cnnpress_dataset = manifest.get("dataset")
     model.cnnpress_provenance = manifest.get("provenance")
+    model.cnnpress_activations = manifest.get("activations")
+    coded = bool(manifest.get("coded")) or any(  # some stream is Huffman-coded
+        isinstance(a, list) and str(a[0]).startswith("h") for a in manifest.get("arrays") or []
+    )
     model.cnnpress_storage = {  # how the file keeps its values (the ONNX export keeps them so)
         "float_bits": manifest.get("float_bits", 32),
         "fold_batchnorm": bool(manifest.get("fold_batchnorm", False)),
-        "entropy": bool(manifest.get("coded")) or any(  # some stream is Huffman-coded
-            isinstance(a, list) and str(a[0]).startswith("h") for a in manifest.get("arrays") or []
-        ),
+        "entropy": coded,
     }
     return model.eval()
 

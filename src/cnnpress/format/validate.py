@@ -30,6 +30,12 @@ What is checked, each failure one :class:`ManifestError` line:
   ``d`` channels is stored as at least ``m * d`` bits, a codebook of ``2**bits`` values (k-means,
   PQ) as at least ``8 * 2**bits`` bits (times the subvector length), a sparse layout's
   nonzeros as at least one bit each.
+* **The data set and the activations.** A data set's ``mean`` and ``std`` (where given) are
+  lists of finite numbers, one per channel (``in_channels``, where given), every ``std``
+  positive. Recorded activation quantization (format 4, ``"activations"``) is
+  ``{"bits": 8 or 4, "observer": str, "tensors": {node: [scale, zero_point]}}`` with at most
+  :data:`MAX_ACTIVATION_TENSORS` tensors, each scale a finite number above 0 and each zero
+  point an integer that ``bits`` signed bits hold (TFLite's per-tensor scheme).
 
 A file that cnnpress wrote passes all of these; the loader's own checks (the layout the
 rebuilt model implies against the payload) still follow.
@@ -38,6 +44,7 @@ rebuilt model implies against the payload) still follow.
 from __future__ import annotations
 
 import binascii
+import math
 import struct
 import zlib
 from typing import Any
@@ -51,7 +58,9 @@ from cnnpress.floats import FLOAT_BITS
 from cnnpress.methods.base import config_from_dict
 
 __all__ = [
+    "ACTIVATION_BITS",
     "FREE_PARAMS",
+    "MAX_ACTIVATION_TENSORS",
     "MAX_ARRAYS",
     "MAX_CLASSES",
     "MAX_IN_CHANNELS",
@@ -62,8 +71,10 @@ __all__ = [
     "PARAMS_PER_BIT",
     "ManifestError",
     "array_checksums",
+    "check_activations",
     "check_arch",
     "check_array_checksums",
+    "check_dataset",
     "check_manifest",
     "check_method",
     "check_parameter_bound",
@@ -82,6 +93,10 @@ MAX_ITERATIONS = 1000
 MAX_PARAMS = 1 << 27
 FREE_PARAMS = 1 << 20
 PARAMS_PER_BIT = 4096
+#: The activation widths a file may record, and how many tensors (graph nodes) at most.
+ACTIVATION_BITS = (8, 4)
+MAX_ACTIVATION_TENSORS = 100_000
+MAX_NAME_CHARS = 256
 #: Hex digits per array in ``manifest["crc16"]`` (format 3, from the binary block).
 CRC_DIGITS = 4
 
@@ -295,9 +310,85 @@ def _check_allocations(st: dict[str, Any], bits: int) -> None:
         _bounded("sparse_layout", f"({len(records)} layers)", nonzeros, bits, "nonzeros")
 
 
+def _is_number(value: Any) -> bool:
+    """An int or float (not a bool) that is finite as a float (JSON ints have no bound)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
+def check_dataset(dataset: Any) -> None:
+    """A data set's ``mean`` and ``std``, where given: finite numbers, one per channel, every
+    ``std`` positive (what normalisation divides by)."""
+    if not isinstance(dataset, dict):
+        return  # null, or refused by check_sizes
+    channels = dataset.get("in_channels")
+    for key in ("mean", "std"):
+        if key not in dataset:
+            continue
+        values = dataset[key]
+        if not isinstance(values, list) or not 0 < len(values) <= MAX_IN_CHANNELS:
+            raise ManifestError(
+                f"dataset {key} must be a list of 1 to {MAX_IN_CHANNELS} numbers, "
+                f"got {values!r:.40}"
+            )
+        for v in values:
+            if not _is_number(v) or (key == "std" and v <= 0):
+                what = "a positive number" if key == "std" else "a finite number"
+                raise ManifestError(f"dataset {key} value {v!r:.40} is not {what}")
+        if _is_int(channels) and len(values) != channels:
+            raise ManifestError(f"dataset {key} has {len(values)} values for {channels} channels")
+
+
+def check_activations(activations: Any) -> None:
+    """Recorded activation quantization, or ``None``: ``{"bits": 8 or 4, "observer": str,
+    "tensors": {node: [scale, zero_point]}}`` (one scale and zero point per tensor)."""
+    if activations is None:
+        return
+    if not isinstance(activations, dict):
+        raise ManifestError(f"manifest activations must be a mapping, got {activations!r:.40}")
+    bits, observer = activations.get("bits"), activations.get("observer")
+    if not _is_int(bits) or bits not in ACTIVATION_BITS:
+        raise ManifestError(f"activation bits must be 8 or 4, got {bits!r:.40}")
+    if not isinstance(observer, str) or not 0 < len(observer) <= 64:
+        raise ManifestError(
+            f"activation observer must be a name of 1 to 64 characters, got {observer!r:.40}"
+        )
+    tensors = activations.get("tensors")
+    if not isinstance(tensors, dict):
+        raise ManifestError(f"activation tensors must be a mapping, got {tensors!r:.40}")
+    if len(tensors) > MAX_ACTIVATION_TENSORS:
+        raise ManifestError(
+            f"activation tensors: {len(tensors):,} is more than {MAX_ACTIVATION_TENSORS:,}"
+        )
+    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    for name, pair in tensors.items():
+        if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_CHARS:
+            raise ManifestError(f"activation tensor name {name!r:.40} is no node name")
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise ManifestError(
+                f"activation tensor {name:.40} must be [scale, zero_point], got {pair!r:.40}"
+            )
+        scale, zero = pair
+        if not _is_number(scale) or scale <= 0:
+            raise ManifestError(
+                f"activation tensor {name:.40} has scale {scale!r:.40}, not a finite number > 0"
+            )
+        if not _is_int(zero) or not low <= zero <= high:
+            raise ManifestError(
+                f"activation tensor {name:.40} has zero point {zero!r:.40}, not an integer "
+                f"from {low} to {high}"
+            )
+
+
 def check_manifest(manifest: dict[str, Any], payload_bytes: int, version: int) -> None:
     """Every check of this module, cheapest first; raises :class:`ManifestError`."""
     check_sizes(manifest, payload_bytes, version)
+    check_dataset(manifest.get("dataset"))
+    check_activations(manifest.get("activations"))
     check_arch(manifest.get("arch"))
     check_method(manifest.get("method"), payload_bytes)
     check_parameter_bound(manifest, payload_bytes)
