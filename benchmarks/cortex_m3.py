@@ -40,6 +40,7 @@ from cnnpress.provenance import (
     write_result,
 )
 from cnnpress.runtime import export_c
+from cnnpress.runtime.c_export import RUNTIME_FILES
 
 HARNESS = Path(__file__).parent / "cortex_m3"
 PACKAGES = ["gcc-arm-none-eabi", "libnewlib-arm-none-eabi", "qemu-system-arm"]
@@ -98,7 +99,8 @@ def build_m3(folder: Path) -> dict[str, dict[str, int]]:
     those of ``model.o`` alone."""
     for name in ("startup.c", "main_m3.c", "link.ld"):
         shutil.copyfile(HARNESS / name, folder / name)
-    sources = ["startup.c", "main_m3.c", "model.c", "cnnpress_rt.c"]
+    kernels = [n for n in RUNTIME_FILES if n.endswith(".c") and n != "main.c"]
+    sources = ["startup.c", "main_m3.c", "model.c", *kernels]
     subprocess.run(
         ["arm-none-eabi-gcc", *M3_FLAGS, "-c", "model.c", "-o", "model_m3.o"],
         cwd=folder,

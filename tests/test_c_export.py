@@ -29,6 +29,7 @@ from cnnpress.data import get_spec, load_dataset, normalize
 from cnnpress.errors import CnnpressError
 from cnnpress.methods.slbf import SLBFLayer
 from cnnpress.runtime import c_lower, c_memory, export_c
+from cnnpress.runtime.c_export import RUNTIME_FILES
 
 CC = shutil.which("cc")
 SIZE = shutil.which("size")
@@ -386,13 +387,8 @@ def test_command_line_export_and_summary(tmp_path, capsys):
     assert main(["export", str(path), "--c", str(tmp_path / "c"), "--json"]) == 0
     exported = json.loads(capsys.readouterr().out)
     assert exported["cnnp_bytes"] == path.stat().st_size
-    assert {Path(f).name for f in exported["files"]} == {
-        "model.c",
-        "model.h",
-        "cnnpress_rt.c",
-        "cnnpress_rt.h",
-        "main.c",
-    }
+    assert {Path(f).name for f in exported["files"]} == {"model.c", "model.h", *RUNTIME_FILES}
+    assert {"cnnpress_rt.h", "main.c", "cnnp_conv.c"} <= set(RUNTIME_FILES)
     loaded = cnnpress.load(path)
     prog, info = build(loaded, tmp_path / "c")  # the same program again, built
     check(loaded, prog, torch.randn(2, *SHAPE))

@@ -33,33 +33,24 @@ from cnnpress.format.layout import encode, entropy_code, layout
 from cnnpress.methods.slbf import set_path
 from cnnpress.models import from_arch
 from cnnpress.models.graph import trace
+from cnnpress.runtime.c_interface import BASE, STRUCTS
 from cnnpress.runtime.c_lower import Lowerer
 from cnnpress.runtime.c_plan import ARENA, INPUT, LOGITS, Op, Plan, View, live_floats, place
 
 __all__ = ["RUNTIME_FILES", "CProgram", "c_memory", "export_c"]
 
-RUNTIME_FILES = ("cnnpress_rt.c", "cnnpress_rt.h", "main.c")
-_STRUCT = {
-    "conv": "cnnp_conv_t",
-    "epi": "cnnp_epi_t",
-    "binary": "cnnp_binary_t",
-    "ewise": "cnnp_ewise_t",
-    "copy": "cnnp_copy_t",
-    "fill": "cnnp_fill_t",
-    "pool": "cnnp_pool_t",
-}
-#: sizeof of each descriptor struct (cnnpress_rt.h; only 16- and 32-bit fields, so the same
-#: on 64-bit hosts and 32-bit microcontrollers; a compiler may align each to more).
-DESCRIPTOR_BYTES = {
-    "conv": 120,
-    "epi": 48,
-    "ewise": 60,
-    "binary": 132,
-    "copy": 84,
-    "fill": 12,
-    "pool": 40,
-}
-_BASE = {ARENA: 0, INPUT: 1, LOGITS: 2}  # cnnpress_rt.h: CNNP_ARENA, CNNP_INPUT, CNNP_LOGITS
+#: The runtime's sources (every ``.c`` and ``.h`` of ``csrc_c/``), copied beside model.c.
+RUNTIME_FILES = tuple(
+    sorted(
+        f.name
+        for f in (resources.files("cnnpress.runtime") / "csrc_c").iterdir()
+        if f.name.endswith((".c", ".h"))
+    )
+)
+_STRUCT = {kind: struct for kind, (struct, _) in STRUCTS.items()}
+#: sizeof of each descriptor struct (:data:`cnnpress.runtime.c_interface.STRUCTS`).
+DESCRIPTOR_BYTES = {kind: size for kind, (_, size) in STRUCTS.items()}
+_BASE = {ARENA: BASE["arena"], INPUT: BASE["input"], LOGITS: BASE["logits"]}
 #: A conv's geometry, in the order of cnnp_conv_t's fields.
 _GEOMETRY = (
     "c",

@@ -21,6 +21,7 @@ from cnnpress.methods.kmeans import KMeansLayer
 from cnnpress.methods.prune import MaskedLayer
 from cnnpress.methods.slbf import SLBFConv2d, SLBFLinear, index_bits
 from cnnpress.models.graph import FUNCTIONS
+from cnnpress.runtime.c_interface import ACT, BN, DEFINES, OP, POOL, WEIGHT
 from cnnpress.runtime.c_plan import ExportError, Op, Plan, View, movement_fn
 
 __all__ = ["SUPPORTED", "Lowerer", "no_epi"]
@@ -40,7 +41,7 @@ CONV_TYPES = (
     KMeansLayer,
 )
 ACT_FUNCS = {"F.relu", "torch.relu", "F.relu6", "F.hardtanh"}
-BINARY = {"add": 0, "torch.add": 0, "sub": 1, "mul": 2}
+BINARY = {"add": OP["add"], "torch.add": OP["add"], "sub": OP["sub"], "mul": OP["mul"]}
 POOL_FUNCS = {
     "F.max_pool2d": ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
     "F.avg_pool2d": (
@@ -55,14 +56,14 @@ POOL_FUNCS = {
     "F.adaptive_max_pool2d": ("output_size",),
 }
 POOL_KIND = {
-    "F.max_pool2d": 0,
-    "F.avg_pool2d": 1,
-    "F.adaptive_avg_pool2d": 2,
-    "F.adaptive_max_pool2d": 3,
-    nn.MaxPool2d: 0,
-    nn.AvgPool2d: 1,
-    nn.AdaptiveAvgPool2d: 2,
-    nn.AdaptiveMaxPool2d: 3,
+    "F.max_pool2d": POOL["maxpool"],
+    "F.avg_pool2d": POOL["avgpool"],
+    "F.adaptive_avg_pool2d": POOL["adaptive_avg"],
+    "F.adaptive_max_pool2d": POOL["adaptive_max"],
+    nn.MaxPool2d: POOL["maxpool"],
+    nn.AvgPool2d: POOL["avgpool"],
+    nn.AdaptiveAvgPool2d: POOL["adaptive_avg"],
+    nn.AdaptiveMaxPool2d: POOL["adaptive_max"],
 }
 
 
@@ -75,7 +76,7 @@ def huff_ints(alphabet: int) -> int:
 POINTWISE = dict(oh=1, ow=1, kh=1, kw=1, sh=1, sw=1, ph=0, pw=0, dh=1, dw=1)
 
 #: Output positions the SLBF kernel computes at once (``CNNP_TILE`` in cnnpress_rt.h).
-TILE = 16
+TILE = DEFINES["CNNP_TILE"]
 
 
 def slbf_scratch(n: int, s: int, m: int, kk: int, bits: int, coded: bool) -> int:
@@ -87,7 +88,14 @@ def slbf_scratch(n: int, s: int, m: int, kk: int, bits: int, coded: bool) -> int
 
 def no_epi() -> dict[str, Any]:
     """An epilogue that does nothing."""
-    return {"bn_kind": 0, "bn": [None] * 4, "eps": 0.0, "act": 0, "lo": 0.0, "hi": 0.0}
+    return {
+        "bn_kind": BN["none"],
+        "bn": [None] * 4,
+        "eps": 0.0,
+        "act": ACT["none"],
+        "lo": 0.0,
+        "hi": 0.0,
+    }
 
 
 def _bind(names: tuple[str, ...], args: list[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -158,9 +166,10 @@ class Lowerer:
         if bn.running_mean is None:
             raise ExportError(f"{name}: a BatchNorm without running statistics has no C kernel")
         if self.key(name, "scale"):
-            return {"bn_kind": 1, "bn": [(name, "scale"), (name, "shift"), None, None], "eps": 0.0}
+            folded = [(name, "scale"), (name, "shift"), None, None]
+            return {"bn_kind": BN["folded"], "bn": folded, "eps": 0.0}
         keys = [self.key(name, k) for k in ("weight", "bias", "running_mean", "running_var")]
-        return {"bn_kind": 2, "bn": keys, "eps": float(bn.eps)}
+        return {"bn_kind": BN["full"], "bn": keys, "eps": float(bn.eps)}
 
     def conv(self, plan: Plan, name: str, m: nn.Module, x: View, value: torch.Tensor) -> View:
         x = plan.contiguous(x, name)
@@ -208,7 +217,7 @@ class Lowerer:
     def weights(self, name: str, m: nn.Module, g: dict[str, Any]) -> dict[str, Any]:
         k = self.key
         f = dict(
-            kind=0,
+            kind=WEIGHT["dense"],
             wt=None,
             code=None,
             code_bits=0,
@@ -228,7 +237,7 @@ class Lowerer:
         if isinstance(m, (SLBFConv2d, SLBFLinear)):
             s, bits = m.num_slices, index_bits(m.num_filters)
             f.update(
-                kind=4,
+                kind=WEIGHT["slbf"],
                 code=k(name, "bank"),
                 sel=k(name, "indices"),
                 code_bits=bits,
@@ -245,7 +254,7 @@ class Lowerer:
                 raise ExportError(f"{name}: XNOR's binary inputs have no C kernel ({SUPPORTED})")
             scale = k(name, "alpha") or k(name, "scale")
             f.update(
-                kind=1,
+                kind=WEIGHT["binary"],
                 code=k(name, "sign"),
                 scale=scale,
                 scale_n=0 if scale is None else g["n"] if m.has_alpha else 1,
@@ -255,14 +264,19 @@ class Lowerer:
                 kept, bits, entries = m.record
                 f.update(pos=k(name, "positions"), pos_bits=bits, pos_count=entries, kept=kept)
             if isinstance(m, KMeansLayer):
-                f.update(kind=3, wt=k(name, "codebook"), code=k(name, "indices"), code_bits=m.bits)
+                f.update(
+                    kind=WEIGHT["kmeans"],
+                    wt=k(name, "codebook"),
+                    code=k(name, "indices"),
+                    code_bits=m.bits,
+                )
             else:
-                f.update(kind=2, wt=k(name, "values"))
+                f.update(kind=WEIGHT["sparse"], wt=k(name, "values"))
             f["scratch"] = (huff_ints(1 << f["code_bits"]) if f["huff"] & 1 else 0) + (
                 huff_ints(1 << f["pos_bits"]) if f["huff"] & 2 else 0
             )
         elif type(m) in (nn.Conv2d, nn.Linear):
-            f.update(kind=0, wt=k(name, "weight"))
+            f.update(kind=WEIGHT["dense"], wt=k(name, "weight"))
         else:
             raise ExportError(f"layer {name} ({type(m).__name__}) has no C kernel ({SUPPORTED})")
         return f
@@ -275,12 +289,15 @@ class Lowerer:
         source = arg["node"] if isinstance(arg, dict) else None
         owner = plan.owner.get(source)
         x = plan.arg_view(arg)
-        is_bn = "bn_kind" in part and part["bn_kind"] != 0
+        is_bn = "bn_kind" in part and part["bn_kind"] != BN["none"]
         fusable = (
             owner is not None
             and plan.users.get(source) == [index]
-            and (owner.epi["act"] == 0)
-            and (not is_bn or (owner.kind in ("conv", "binary") and owner.epi["bn_kind"] == 0))
+            and (owner.epi["act"] == ACT["none"])
+            and (
+                not is_bn
+                or (owner.kind in ("conv", "binary") and owner.epi["bn_kind"] == BN["none"])
+            )
             and not (is_bn and owner.fields.get("res"))  # its batch norm comes before the add
         )
         if fusable:
@@ -316,7 +333,7 @@ class Lowerer:
         if target in BINARY or (op == "method" and target in ("add", "mul")):
             if "alpha" in kwargs or len(args) > 2:
                 raise ExportError(f"{target} with alpha has no C kernel")
-            return self.binary(plan, index, BINARY.get(target, 0), args, value)
+            return self.binary(plan, index, BINARY.get(target, OP["add"]), args, value)
         if target in POOL_FUNCS:
             bound = _bind(("input", *POOL_FUNCS[target]), args, kwargs)
             settings = {k: plan.stand_in(v) for k, v in bound.items() if k != "input"}
@@ -336,12 +353,12 @@ class Lowerer:
             for a in args
         ]
         if not tensors[0]:
-            if code == 1 or not tensors[1]:
+            if code == OP["sub"] or not tensors[1]:
                 raise ExportError("a constant minus a tensor has no C kernel")
             args = [args[1], args[0]]
         if len(shape) > 6:
             raise ExportError(f"an elementwise operation on {len(shape)} dimensions (at most 6)")
-        if code == 0 and all(tensors):
+        if code == OP["add"] and all(tensors):
             for conv, residual in (args, args[::-1]):
                 fused = _fuse_residual(plan, index, conv["node"], residual["node"], shape)
                 if fused is not None:
@@ -417,7 +434,7 @@ class Lowerer:
         inner = math.prod(x.shape[d] for d in dims)
         out = plan.new_storage(tuple(value.shape))
         fields = dict(
-            kind=2,
+            kind=POOL["adaptive_avg"],
             c=x.numel // inner,
             h=inner,
             w=1,
@@ -465,7 +482,7 @@ def _fuse_residual(
     then holds two maps, not three): where nothing else reads the conv's output, the
     residual exists before the conv runs, dies here and no op between reads or writes it."""
     op, r = plan.owner.get(conv), plan.views.get(residual)
-    if op is None or op.kind != "conv" or op.epi["act"] or op.fields.get("res"):
+    if op is None or op.kind != "conv" or op.epi["act"] != ACT["none"] or op.fields.get("res"):
         return None
     if plan.users.get(conv) != [index] or not isinstance(r, View) or not r.contiguous:
         return None
@@ -482,7 +499,7 @@ def _fuse_residual(
         return None
     plan.storages[op.out.sid].size = 0  # the conv's own output is not needed
     f = op.fields
-    op.scratch += 2 * f["n"] if f["kind"] == 4 else f["oh"] * f["ow"]
+    op.scratch += 2 * f["n"] if f["kind"] == WEIGHT["slbf"] else f["oh"] * f["ow"]
     op.fields["res"], op.out = 1, r
     plan.add(op, again=True)
     plan.owner[plan.nodes[index][0]] = op
@@ -494,7 +511,7 @@ def _copy(src: View, dst: View) -> dict[str, Any]:
 
 
 def _act(lo: float, hi: float) -> dict[str, Any]:
-    act = 1 if (lo == 0.0 and hi == math.inf) else 2
+    act = ACT["relu"] if (lo == 0.0 and hi == math.inf) else ACT["clamp"]
     return {"act": act, "lo": float(lo), "hi": float(hi)}
 
 
