@@ -1,16 +1,15 @@
 """cnnpress: compress convolutional neural networks for memory-constrained devices.
 
-Public API: :func:`compress`, :func:`summary`, :func:`save`, :func:`load`, :func:`export_c`,
-:mod:`models`, :mod:`methods`.
+Public API: :func:`compress`, :func:`quantize`, :func:`summary`, :func:`save`, :func:`load`,
+:func:`export_c`, :mod:`models`, :mod:`methods`.
 """
 
 from __future__ import annotations
 
 from cnnpress import data, methods, models
-from cnnpress.api import compress
+from cnnpress.api import compress, load, quantize, save
 from cnnpress.cost import summary
 from cnnpress.errors import CnnpressError
-from cnnpress.format import load, save
 from cnnpress.runtime import export_c
 
 __all__ = [
@@ -21,6 +20,7 @@ __all__ = [
     "load",
     "methods",
     "models",
+    "quantize",
     "save",
     "summary",
 ]

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from cnnpress.budget import resolve_budget
-from cnnpress.format import load
+from cnnpress.errors import CnnpressError
+from cnnpress.format import load as load_file
+from cnnpress.format import save as save_file
 from cnnpress.methods.apply import apply, make_config, rebuild
 from cnnpress.pretrained import model_file
+from cnnpress.runtime.c_export import storage_settings
+from cnnpress.runtime.quant import QuantizedModel, calibrate
 from cnnpress.train.checkpoint import build_model, load_state, read_meta, read_tensors
 
-__all__ = ["compress", "load_model", "rebuild"]
+__all__ = ["compress", "load", "load_model", "quantize", "rebuild", "save"]
 
 
 def compress(model: nn.Module, method: str, **settings: Any) -> nn.Module:
@@ -31,6 +36,57 @@ def compress(model: nn.Module, method: str, **settings: Any) -> nn.Module:
     """
     config = resolve_budget(model, make_config(method, settings))
     return apply(model, method, config)
+
+
+def save(model: nn.Module, path: str | Path, **settings: Any) -> int:
+    """Write ``model`` to ``path`` as a ``.cnnp`` file (``cnnpress.format.save``'s settings); a
+    :class:`QuantizedModel` is written as its model with its activations."""
+    if isinstance(model, QuantizedModel):
+        settings.setdefault("activations", model.cnnpress_activations)
+        model = model.float_model
+    return save_file(model, path, **settings)
+
+
+def load(path: str | Path) -> nn.Module:
+    """The model of a ``.cnnp`` file (``cnnpress.format.load``), in eval mode; a file that
+    records quantized activations gives a :class:`QuantizedModel`, whose forward is the
+    integer program the C export runs."""
+    model = load_file(path)
+    activations = getattr(model, "cnnpress_activations", None)
+    return QuantizedModel(model, activations).eval() if activations else model
+
+
+def quantize(
+    model: nn.Module,
+    calibration: Any,
+    bits: int = 8,
+    observer: str = "mse",
+    limit: int = 1000,
+) -> QuantizedModel:
+    """``model`` with ``bits``-bit activations (8 or 4; one scale and zero point per tensor),
+    calibrated on up to ``limit`` images of ``calibration`` (a tensor N x C x H x W, or a loader
+    of images or of (images, labels)) with ``observer`` (``"mse"``, ``"minmax"`` or
+    ``"percentile"``, :mod:`cnnpress.runtime.quant`).
+
+    The model is first taken as its file holds it with its floats at 8 bits (int8 with a
+    scale per row, TFLite's per-channel weights; the method's packed weights unchanged), so
+    the returned model computes exactly what its file, and the C program, compute.
+
+    Returns:
+        A :class:`QuantizedModel` in eval mode: its forward is the integer program.
+    """
+    if isinstance(model, QuantizedModel):
+        model = model.float_model
+    _, fold, entropy = storage_settings(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.cnnp"
+        try:
+            save_file(model, path, float_bits=8, fold_batchnorm=fold, entropy=entropy)
+        except CnnpressError as err:
+            raise CnnpressError(f"cannot quantize a model that cannot be saved: {err}") from None
+        stored = load_file(path)
+    activations = calibrate(stored, calibration, bits=bits, observer=observer, limit=limit)
+    return QuantizedModel(stored, activations).eval()
 
 
 def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:

@@ -33,9 +33,10 @@ from cnnpress.format.layout import encode, entropy_code, layout
 from cnnpress.methods.slbf import set_path
 from cnnpress.models import from_arch
 from cnnpress.models.graph import trace
-from cnnpress.runtime.c_interface import BASE, STRUCTS
-from cnnpress.runtime.c_lower import Lowerer
+from cnnpress.runtime.c_interface import BASE, STRUCTS, WEIGHT
+from cnnpress.runtime.c_lower import Lowerer, no_epi
 from cnnpress.runtime.c_plan import ARENA, INPUT, LOGITS, Op, Plan, View, live_floats, place
+from cnnpress.runtime.c_quant import IntegerProgram, lower_integer
 
 __all__ = ["RUNTIME_FILES", "CProgram", "c_memory", "export_c"]
 
@@ -116,6 +117,28 @@ _ORDER = {
 }
 
 
+#: cnnp_q_t's integer fields, in order (cnnpress_q.h), and their values where an op has none.
+_Q_FIELDS = (
+    "mode",
+    "zi",
+    "zb",
+    "zp",
+    "zo",
+    "lo",
+    "hi",
+    "qmin",
+    "qmax",
+    "rq",
+    "m1",
+    "s1",
+    "m2",
+    "s2",
+    "mo",
+    "so",
+)
+_Q_DEFAULT = {**{k: 0 for k in _Q_FIELDS}, "rq": -1, "scale": 0.0}
+
+
 def storage_settings(model: nn.Module) -> tuple[int, bool, bool]:
     """``(float_bits, fold_batchnorm, entropy)`` the model's file keeps (what a save of it
     writes: a loaded file's settings, else those of its method's config)."""
@@ -143,6 +166,8 @@ class CProgram:
     def __init__(self, model: nn.Module, input_shape: tuple[int, int, int] | None) -> None:
         if not isinstance(model, nn.Module):
             raise CnnpressError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        activations = getattr(model, "cnnpress_activations", None)
+        model = getattr(model, "float_model", model)  # a QuantizedModel's own model
         self.input_shape = shape = _input_shape(model, input_shape)
         self.float_bits, fold, entropy = storage_settings(model)
         work = copy.deepcopy(model).to("cpu").float().eval()
@@ -157,6 +182,7 @@ class CProgram:
         except RuntimeError as err:
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise CnnpressError(f"input_shape {shape} does not fit the model: {first}") from err
+        self.integer = None if not activations else self._lower_integer(work, activations)
         self.arena = place(self.plan.storages)
         self.scratch = max([op.scratch for op in self.plan.ops] + [0])
         used = {k for op in self.plan.ops for k in _keys(op)}
@@ -170,6 +196,21 @@ class CProgram:
         for op in self.plan.ops:
             _simplify(op)
 
+    def _lower_integer(self, work: nn.Module, activations: dict[str, Any]) -> IntegerProgram:
+        """The plan as an integer program (:mod:`cnnpress.runtime.c_quant`): the batch norms,
+        scales and biases go into its requantization, so the C program reads only the packed
+        weights; a stream conv's sums take one output plane of scratch."""
+        program = lower_integer(self.plan, work, self.arrays, activations)
+        for op in self.plan.ops:
+            op.epi = no_epi()
+            f = op.fields
+            if op.kind == "conv":
+                f.update(scale=None, scale_n=0, bias=None)
+                if f["kind"] != WEIGHT["slbf"]:
+                    plane = f["oh"] * f["ow"]
+                    op.scratch += 0 if f.get("res") else plane
+        return program
+
     # -- figures ------------------------------------------------------------------------------
     def memory(self) -> dict[str, Any]:
         """Flash: the const bytes of the weights and of the operations' descriptors, per
@@ -181,22 +222,28 @@ class CProgram:
         for module, name in self.offsets:
             row = layers.setdefault(module, dict(blank))
             row["const_bytes"] += len(self.arrays[(module, name)][1])
+        value = 1 if self.integer else 4  # bytes of one activation
+        extra = DESCRIPTOR_BYTES["q"] if self.integer else 0
         for op in self.plan.ops:
             row = layers.setdefault(op.module if op.module in layers else "(graph)", dict(blank))
-            row["descriptor_bytes"] += DESCRIPTOR_BYTES[op.kind]
-            live = 4 * (live_floats(self.plan.storages, op.step) + op.scratch)
+            row["descriptor_bytes"] += DESCRIPTOR_BYTES[op.kind] + extra
+            live = value * live_floats(self.plan.storages, op.step) + 4 * op.scratch
             row["live_bytes"] = max(row["live_bytes"], live)
         const = sum(r["const_bytes"] for r in layers.values())
         descriptors = sum(r["descriptor_bytes"] for r in layers.values())
+        requant = 4 * len(self.integer.qdata) if self.integer else 0
+        arena, scratch = value * max(1, self.arena), 4 * max(1, self.scratch)
         return {
             "layers": [{"layer": k, **v} for k, v in layers.items()],
+            "activations": f"int{self.integer.bits}" if self.integer else "float32",
             "const_bytes": const,
             "descriptor_bytes": descriptors,
-            "flash_bytes": const + descriptors,
+            "requant_bytes": requant,
+            "flash_bytes": const + descriptors + requant,
             "ops": len(self.plan.ops),
-            "arena_bytes": 4 * max(1, self.arena),
-            "scratch_bytes": 4 * max(1, self.scratch),
-            "ram_bytes": 4 * (max(1, self.arena) + max(1, self.scratch)),
+            "arena_bytes": arena,
+            "scratch_bytes": scratch,
+            "ram_bytes": arena + scratch,
             "input_floats": math.prod(self.input_shape),
             "logits": self.plan.logits,
         }
@@ -252,6 +299,7 @@ class CProgram:
             "#include <stdint.h>",
             "",
             '#include "cnnpress_rt.h"',
+            '#include "cnnpress_q.h"' if self.integer else "",
             '#include "model.h"',
             "",
         ]
@@ -275,6 +323,8 @@ class CProgram:
         for op in self.plan.ops:
             index.append(f"{op.kind}_ops[{seen.get(op.kind, 0)}]")
             seen[op.kind] = seen.get(op.kind, 0) + 1
+        if self.integer:
+            return "\n".join(out + self.integer_c(index))
         out.append(f"static float arena[{max(1, self.arena)}];")
         out.append(f"static float scratch[{max(1, self.scratch)}];")
         out.append("")
@@ -285,6 +335,41 @@ class CProgram:
             out.append(f"    cnnp_{'epilogue' if op.kind == 'epi' else op.kind}(&ctx, &{where});")
         out.append("    return 0;\n}\n")
         return "\n".join(out)
+
+    def integer_c(self, index: list[str]) -> list[str]:
+        """The rest of an integer program's model.c: each operation's integer parameters, the
+        requantization table, the int8 arena and ``cnnp_predict`` calling the q kernels."""
+        assert self.integer is not None
+        out = [f"static const cnnp_q_t q_ops[{len(self.plan.ops)}] = {{"]
+        rows = []
+        for op in self.plan.ops:
+            q = {**_Q_DEFAULT, **op.q, "qmin": self.qrange[0], "qmax": self.qrange[1]}
+            values = ", ".join(str(int(q[k])) for k in _Q_FIELDS) + ", " + _float(q["scale"])
+            rows.append(f"    {{{values}}} /* {op.kind} {op.module} */")
+        out += [",\n".join(rows), "};\n"]
+        qdata = self.integer.qdata or [0]
+        out.append(f"static const int32_t qdata[{len(qdata)}] = {{")
+        out.append(
+            ",\n".join(
+                ", ".join(str(v) for v in qdata[i : i + 12]) for i in range(0, len(qdata), 12)
+            )
+            + "\n};\n"
+        )
+        out.append(f"static int8_t arena[{max(1, self.arena)}];")
+        out.append(f"static int32_t scratch[{max(1, self.scratch)}];")
+        out.append("")
+        out.append("int cnnp_predict(const float *input, float *logits)\n{")
+        out.append("    cnnp_qctx ctx = {arena, input, logits, scratch, weights, qdata};")
+        for i, (op, where) in enumerate(zip(self.plan.ops, index, strict=True)):
+            name = "epilogue" if op.kind == "epi" else op.kind
+            out.append(f"    cnnp_q_{name}(&ctx, &{where}, &q_ops[{i}]);")
+        out.append("    return 0;\n}\n")
+        return out
+
+    @property
+    def qrange(self) -> tuple[int, int]:
+        bits = self.integer.bits if self.integer else 8
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
     def model_h(self) -> str:
         c, h, w = self.input_shape

@@ -20,13 +20,14 @@ __all__ = [
     "HEADERS",
     "OP",
     "POOL",
+    "QMODE",
     "STRUCTS",
     "WEIGHT",
     "names",
 ]
 
 #: The public headers this module describes (in ``cnnpress/runtime/csrc_c``).
-HEADERS: tuple[str, ...] = ("cnnpress_rt.h",)
+HEADERS: tuple[str, ...] = ("cnnpress_rt.h", "cnnpress_q.h")
 
 #: Each C enum: its name here -> {C constant: value}.
 ENUMS: dict[str, dict[str, int]] = {
@@ -53,6 +54,8 @@ ENUMS: dict[str, dict[str, int]] = {
         "CNNP_ADAPTIVE_AVG": 2,
         "CNNP_ADAPTIVE_MAX": 3,
     },
+    # what an integer program's copy does (cnnp_q_t.mode, cnnpress_q.h)
+    "qmode": {"CNNP_Q_COPY": 0, "CNNP_Q_QUANTIZE": 1, "CNNP_Q_DEQUANTIZE": 2},
 }
 
 #: Each operation descriptor: its kind (``Op.kind``) -> (C struct type, sizeof). The order is
@@ -66,10 +69,17 @@ STRUCTS: dict[str, tuple[str, int]] = {
     "copy": ("cnnp_copy_t", 84),
     "fill": ("cnnp_fill_t", 12),
     "pool": ("cnnp_pool_t", 40),
+    # an integer program's parameters of every operation, beside its descriptor (cnnpress_q.h)
+    "q": ("cnnp_q_t", 68),
 }
 
 #: Sizes the Python side must agree on: ``#define`` name -> value.
-DEFINES: dict[str, int] = {"CNNP_MAX_DIMS": 6, "CNNP_TILE": 16, "CNNP_HUFF_MAX": 24}
+DEFINES: dict[str, int] = {
+    "CNNP_MAX_DIMS": 6,
+    "CNNP_TILE": 16,
+    "CNNP_HUFF_MAX": 24,
+    "CNNP_ADD_SHIFT": 20,
+}
 
 
 def names(enum: str, prefix: str) -> dict[str, int]:
@@ -85,3 +95,4 @@ BN = names("bn", "CNNP_BN_")
 ACT = names("act", "CNNP_ACT_")
 OP = names("op", "CNNP_")
 POOL = names("pool", "CNNP_")
+QMODE = names("qmode", "CNNP_Q_")

@@ -500,7 +500,7 @@ def _fuse_residual(
     plan.storages[op.out.sid].size = 0  # the conv's own output is not needed
     f = op.fields
     op.scratch += 2 * f["n"] if f["kind"] == WEIGHT["slbf"] else f["oh"] * f["ow"]
-    op.fields["res"], op.out = 1, r
+    op.fields["res"], op.fields["pre"], op.out = 1, conv, r  # pre: the value before the add
     plan.add(op, again=True)
     plan.owner[plan.nodes[index][0]] = op
     return r

@@ -1,0 +1,134 @@
+/* The integer SLBF conv (cnnpress_q.h): split-transform-merge over tiles of CNNP_TILE output
+ * positions, as the float kernel, on centred int8 inputs. A bank filter's response is the sum
+ * of the inputs under its +1 bits minus the sum under its -1 bits, so the bank and gather
+ * loops only add and subtract int32 values; the one multiplication per output value is its
+ * requantization. Scratch (int32, cnnpress.runtime.c_lower.slbf_scratch): one channel's
+ * doubled patches, the m responses and the all-taps row, the n sums of the tile, and the
+ * selections decoded once when Huffman-coded. */
+#include "cnnpress_q.h"
+
+/* patch[q][e] = 2 (x - zi) of channel xc under tap q at the tile's positions (0: padding). */
+static void cnnp_q_patches(const cnnp_conv_t *p, const int8_t *xc, int32_t zi, const int *ih0,
+                           const int *iw0, int32_t *patch)
+{
+    int q, e;
+    for (q = 0; q < p->kh * p->kw; q++) {
+        int dy = (q / p->kw) * p->dh, dx = (q % p->kw) * p->dw;
+        int32_t *row = patch + q * CNNP_TILE;
+        for (e = 0; e < CNNP_TILE; e++) {
+            int ih = ih0[e] + dy, iw = iw0[e] + dx;
+            int32_t v = ih >= 0 && ih < p->h && iw >= 0 && iw < p->w
+                            ? (int32_t)xc[(int32_t)ih * p->w + iw] - zi
+                            : 0;
+            row[e] = v + v;
+        }
+    }
+}
+
+/* z[t][e] += the doubled patch values under the 1 bits of taps [first, first + kk) of bank
+ * filter t; all[e] += the doubled values under every tap. */
+static void cnnp_q_bank(const uint8_t *bank, int m, int taps, int first, int kk,
+                        const int32_t *restrict patch, int32_t *restrict z,
+                        int32_t *restrict all)
+{
+    int t, q, e;
+    for (q = 0; q < kk; q++)
+        for (e = 0; e < CNNP_TILE; e++) all[e] += patch[q * CNNP_TILE + e];
+    for (t = 0; t < m; t++) {
+        int32_t *restrict zt = z + t * CNNP_TILE;
+        uint32_t b = (uint32_t)t * (uint32_t)taps + (uint32_t)first;
+        for (q = 0; q < kk; q++, b++)
+            if ((bank[b >> 3] >> (b & 7u)) & 1u)
+                for (e = 0; e < CNNP_TILE; e++) zt[e] += patch[q * CNNP_TILE + e];
+    }
+}
+
+/* z[t][e]: bank filter t's +-1 response to slice xs at the tile's positions: 2 * (sum
+ * under the 1 bits) - (sum under all bits) = z - all / 2, all even. */
+static void cnnp_q_responses(const cnnp_conv_t *p, const int8_t *xs, int32_t zi, const int *ih0,
+                             const int *iw0, const uint8_t *bank, int32_t *patch, int32_t *z)
+{
+    int kk = p->kh * p->kw, cd, t, e;
+    int32_t plane_in = (int32_t)p->h * p->w;
+    int32_t *restrict all = z + p->m * CNNP_TILE;
+    for (e = 0; e < (p->m + 1) * CNNP_TILE; e++) z[e] = 0;
+    for (cd = 0; cd < p->d; cd++) {
+        cnnp_q_patches(p, xs + (int32_t)cd * plane_in, zi, ih0, iw0, patch);
+        cnnp_q_bank(bank, p->m, p->d * kk, cd * kk, kk, patch, z, all);
+    }
+    for (e = 0; e < CNNP_TILE; e++) all[e] /= 2;
+    for (t = 0; t < p->m; t++) {
+        int32_t *restrict zt = z + t * CNNP_TILE;
+        for (e = 0; e < CNNP_TILE; e++) zt[e] -= all[e];
+    }
+}
+
+/* acc[i][e] += the response output i's selection for slice j names. */
+static void cnnp_q_gather(const cnnp_conv_t *p, const int32_t *restrict z,
+                          const uint16_t *decoded, const uint8_t *sel, int j,
+                          int32_t *restrict acc)
+{
+    int s = p->c / p->d, i, e;
+    for (i = 0; i < p->n; i++) {
+        int32_t k = (int32_t)i * s + j;
+        const int32_t *restrict zt =
+            z + (decoded ? decoded[k] : cnnp_bits(sel, k, p->code_bits)) * CNNP_TILE;
+        int32_t *restrict a = acc + i * CNNP_TILE;
+        for (e = 0; e < CNNP_TILE; e++) a[e] += zt[e];
+    }
+}
+
+/* The tile's n sums, requantized, to y at flat output positions [at, at + count). */
+static void cnnp_q_slbf_store(const cnnp_qctx *ctx, const cnnp_conv_t *p, const cnnp_q_t *q,
+                              const int32_t *acc, int32_t at, int count, int8_t *y)
+{
+    int32_t plane = (int32_t)p->oh * p->ow, v;
+    const int32_t *rq = ctx->qdata + q->rq;
+    int i, e;
+    for (i = 0; i < p->n; i++) {
+        int8_t *out = y + (int32_t)i * plane + at;
+        const int32_t *a = acc + i * CNNP_TILE;
+        for (e = 0; e < count; e++) {
+            v = cnnp_q_requant(rq, i, a[e]);
+            if (p->res)
+                out[e] = (int8_t)cnnp_q_add(q, q->zp, cnnp_q_clamp(q->zp + v, q->qmin, q->qmax),
+                                            out[e]);
+            else
+                out[e] = (int8_t)cnnp_q_clamp(q->zo + v, q->lo, q->hi);
+        }
+    }
+}
+
+void cnnp_q_conv_slbf(const cnnp_qctx *ctx, const cnnp_conv_t *p, const cnnp_q_t *q)
+{
+    int s = p->c / p->d, kk = p->kh * p->kw, j, e, count;
+    int32_t plane_in = (int32_t)p->h * p->w, plane = (int32_t)p->oh * p->ow, at;
+    const uint8_t *bank = ctx->weights + p->code, *sel = ctx->weights + p->sel;
+    const int8_t *x = cnnp_q_at(ctx, p->x);
+    int8_t *y = cnnp_q_at(ctx, p->y);
+    int32_t *patch = ctx->scratch, *z = patch + kk * CNNP_TILE;
+    int32_t *acc = z + (p->m + 1) * CNNP_TILE, *rest = acc + p->n * CNNP_TILE;
+    uint16_t *decoded = 0;
+    int ih0[CNNP_TILE], iw0[CNNP_TILE];
+    if (p->huff & 1) { /* Huffman-coded selections: decoded once, in order */
+        cnnp_huff coded;
+        int32_t k;
+        cnnp_huff_init(&coded, sel, 1 << p->code_bits, rest);
+        decoded = (uint16_t *)(rest + CNNP_HUFF_INTS(1 << p->code_bits));
+        for (k = 0; k < (int32_t)p->n * s; k++) decoded[k] = (uint16_t)cnnp_huff_next(&coded);
+    }
+    for (at = 0; at < plane; at += CNNP_TILE) {
+        count = plane - at < CNNP_TILE ? (int)(plane - at) : CNNP_TILE;
+        for (e = 0; e < CNNP_TILE; e++) { /* lanes past the plane read nothing (all padding) */
+            int32_t o = at + e;
+            ih0[e] = e < count ? (int)(o / p->ow) * p->sh - p->ph : -16384;
+            iw0[e] = e < count ? (int)(o % p->ow) * p->sw - p->pw : -16384;
+        }
+        for (e = 0; e < p->n * CNNP_TILE; e++) acc[e] = 0;
+        for (j = 0; j < s; j++) {
+            cnnp_q_responses(p, x + (int32_t)j * p->d * plane_in, q->zi, ih0, iw0, bank, patch, z);
+            cnnp_q_gather(p, z, decoded, sel, j, acc);
+        }
+        cnnp_q_slbf_store(ctx, p, q, acc, at, count, y);
+    }
+}
