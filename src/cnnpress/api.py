@@ -40,10 +40,13 @@ def compress(model: nn.Module, method: str, **settings: Any) -> nn.Module:
 
 def save(model: nn.Module, path: str | Path, **settings: Any) -> int:
     """Write ``model`` to ``path`` as a ``.cnnp`` file (``cnnpress.format.save``'s settings); a
-    :class:`QuantizedModel` is written as its model with its activations."""
+    :class:`QuantizedModel` is written as its model with its activations, at the storage
+    settings it was quantized with (floats as int8)."""
     if isinstance(model, QuantizedModel):
         settings.setdefault("activations", model.cnnpress_activations)
         model = model.float_model
+        _, fold, entropy = storage_settings(model)
+        settings = {"float_bits": 8, "fold_batchnorm": fold, "entropy": entropy, **settings}
     return save_file(model, path, **settings)
 
 

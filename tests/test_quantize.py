@@ -1,0 +1,171 @@
+"""Quantized activations (``cnnpress.quantize``): the integer program's PyTorch forward and the
+C program it exports give the same logits bit for bit, for every registry case the float C
+runtime runs and on real images; the file records the activations and loads back to the same
+integer model; the int8 arena is a quarter of the float one; what has no integer kernel is one
+line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import cnnpress
+from cnnpress.data import get_spec, load_dataset, normalize
+from cnnpress.errors import CnnpressError
+from cnnpress.runtime import c_memory
+from cnnpress.runtime.c_export import graph_of
+from cnnpress.runtime.c_plan import ExportError
+from cnnpress.runtime.quant import QuantizedModel, calibrate, fake_quantize
+from test_c_export import CASES, FMNIST_DIR, build, needs_cc, registry_model, run
+
+SHAPE = (1, 28, 28)
+FAST = [c for c in CASES if not hasattr(c, "marks")]
+
+
+def quantized(name: str, method: str | None, settings: dict, bits: int = 8) -> QuantizedModel:
+    model, _ = registry_model(name, method, dict(settings))
+    torch.manual_seed(1)
+    return cnnpress.quantize(model, torch.randn(64, *SHAPE), bits=bits)
+
+
+def logits(model: nn.Module, x: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        return model(x).numpy()
+
+
+@needs_cc
+@pytest.mark.parametrize(("name", "method", "settings"), FAST)
+def test_the_c_program_equals_the_integer_forward_bit_for_bit(tmp_path, name, method, settings):
+    q = quantized(name, method, settings)
+    prog, info = build(q, tmp_path / "c")
+    x = torch.randn(12, *SHAPE)
+    ref = logits(q, x)
+    assert info["activations"] == "int8"
+    assert np.array_equal(run(prog, x), ref)
+    assert len(np.unique(ref)) > 10  # the logits are not degenerate
+
+
+def test_the_integer_forward_is_close_to_the_float_model():
+    """On a plain LeNet-5 of random weights, int8 moves no logit by more than a few of its
+    output steps (this model's logits span about 0.3)."""
+    q = quantized("lenet5", None, {})
+    x = torch.randn(32, *SHAPE)
+    ref, got = logits(q.float_model, x), logits(q, x)
+    scale = q.cnnpress_activations["tensors"][_output_node(q)][0]
+    assert np.abs(ref - got).max() <= 8 * scale
+    assert (ref.argmax(1) == got.argmax(1)).mean() >= 0.9
+
+
+def _output_node(q: QuantizedModel) -> str:
+    nodes = graph_of(q.float_model)["nodes"]
+    return nodes[-1][3][0]["node"]
+
+
+def test_the_file_records_the_activations_and_loads_the_same_integer_model(tmp_path):
+    q = quantized("resnet20", "slbf", {"slice_channels": 4, "num_filters": 8})
+    path = tmp_path / "q.cnnp"
+    cnnpress.save(q, path)
+    back = cnnpress.load(path)
+    assert isinstance(back, QuantizedModel)
+    assert back.cnnpress_activations == q.cnnpress_activations
+    assert back.float_model.cnnpress_storage["float_bits"] == 8
+    x = torch.randn(6, *SHAPE)
+    assert np.array_equal(logits(back, x), logits(q, x))
+
+
+def test_int8_activations_take_a_quarter_of_the_float_arena():
+    model, _ = registry_model("resnet20", "slbf", {"slice_channels": 4, "num_filters": 8})
+    q = cnnpress.quantize(model, torch.randn(16, *SHAPE))
+    floats, ints = c_memory(q.float_model, SHAPE), c_memory(q, SHAPE)
+    assert floats["activations"] == "float32" and ints["activations"] == "int8"
+    assert ints["arena_bytes"] * 4 == floats["arena_bytes"]
+    assert ints["requant_bytes"] > 0
+    assert ints["const_bytes"] < floats["const_bytes"]  # batch norms live in the requantization
+
+
+def test_movement_and_pooling_keep_their_input_quantization():
+    model = cnnpress.models.create("lenet5", 1, 10)
+    acts = calibrate(model, torch.randn(16, *SHAPE), observer="minmax")
+    for name, op, target, args, _ in graph_of(model)["nodes"]:
+        if op == "module" and "pool" in target or op == "function" and target == "torch.flatten":
+            assert acts["tensors"][name] == acts["tensors"][args[0]["node"]], name
+
+
+@pytest.mark.parametrize("observer", ["minmax", "percentile", "mse"])
+def test_every_observer_gives_ranges_that_hold_zero(observer):
+    model = cnnpress.models.create("lenet5", 1, 10)
+    acts = calibrate(model, torch.randn(16, *SHAPE), observer=observer)
+    assert acts["observer"] == observer
+    for scale, zero in acts["tensors"].values():
+        assert scale > 0 and -128 <= zero <= 127
+
+
+def test_the_mse_observer_clips_where_that_lowers_the_error():
+    """At 4 bits on Laplace values, the searched range has a clearly smaller error than the
+    observed min/max (on the same values)."""
+    torch.manual_seed(0)
+    x = torch.distributions.Laplace(0.0, 1.0).sample((4, 1, 28, 28))
+    model = nn.Sequential(nn.Identity())
+    errors = {}
+    for observer in ("minmax", "mse"):
+        acts = calibrate(model, x, bits=4, observer=observer)
+        scale, zero = next(iter(acts["tensors"].values()))
+        errors[observer] = float(((fake_quantize(x, scale, zero, 4) - x) ** 2).mean())
+    assert errors["mse"] < 0.8 * errors["minmax"]
+
+
+def test_training_mode_fake_quantizes_with_a_straight_through_gradient():
+    q = quantized("lenet5", None, {}).train()
+    x = torch.randn(4, *SHAPE)
+    q(x).sum().backward()
+    grads = [p.grad for p in q.float_model.parameters() if p.requires_grad]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_what_has_no_integer_kernel_is_one_line():
+    class Shift(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3)
+            self.head = nn.Linear(4, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.conv(x) + 1.0  # a constant: no integer kernel
+            return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+    q = cnnpress.quantize(Shift().eval(), torch.randn(8, *SHAPE))
+    with pytest.raises(ExportError, match="no integer kernel") as err:
+        q(torch.randn(2, *SHAPE))
+    assert "\n" not in str(err.value)
+    with pytest.raises(CnnpressError, match="bits must be 8 or 4"):
+        cnnpress.quantize(Shift().eval(), torch.randn(8, *SHAPE), bits=6)
+    with pytest.raises(CnnpressError, match="observer must be"):
+        cnnpress.quantize(Shift().eval(), torch.randn(8, *SHAPE), observer="best")
+
+
+def fmnist(split: str, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    spec = get_spec("fashion-mnist")
+    ds = load_dataset("fashion-mnist", split, data_dir=FMNIST_DIR)
+    return normalize(ds.images[:count], spec.mean, spec.std), ds.labels[:count]
+
+
+@pytest.mark.slow
+@needs_cc
+@pytest.mark.skipif(not Path(FMNIST_DIR).exists(), reason="Fashion-MNIST is not installed")
+def test_the_shipped_model_in_int8_on_real_images(tmp_path):
+    """The shipped ResNet-20 at int8: the C program equals PyTorch's integer forward on 100
+    real test images, and int8 costs at most a point of accuracy on 500 of them."""
+    calibration, _ = fmnist("train", 500)
+    x, labels = fmnist("test", 500)
+    q = cnnpress.quantize(cnnpress.load("pretrained:resnet20-fmnist"), calibration)
+    prog, info = build(q, tmp_path / "c")
+    assert np.array_equal(run(prog, x[:100]), logits(q, x[:100]))
+    float_acc = (logits(q.float_model, x).argmax(1) == labels.numpy()).mean()
+    int_acc = (logits(q, x).argmax(1) == labels.numpy()).mean()
+    assert int_acc >= float_acc - 0.01
+    assert info["ram_bytes"] <= 32 * 1024
