@@ -80,15 +80,22 @@ def multiply(x: torch.Tensor, m: torch.Tensor | int, shift: torch.Tensor | int) 
     ``x`` within int32, ``m`` and ``shift`` broadcast against it)."""
     m = torch.as_tensor(m, dtype=torch.int64)
     shift = torch.as_tensor(shift, dtype=torch.int64)
-    left, right = shift.clamp(min=0), (-shift).clamp(min=0)
-    x = (x.to(torch.int64) << left).clamp(INT32_MIN, INT32_MAX)
-    ab = x * m
-    nudge = torch.where(ab >= 0, 2**30, 1 - 2**30)
-    high = torch.div(ab + nudge, 2**31, rounding_mode="trunc")
+    x = x.to(torch.int64)
+    if bool((shift > 0).any()):
+        x = (x << shift.clamp(min=0)).clamp(INT32_MIN, INT32_MAX)
+    right = (-shift).clamp(min=0)
+    # the doubling high multiply: (x * m + nudge) / 2**31, truncated toward zero, where the
+    # nudge is 2**30 for a non-negative product and 1 - 2**30 for a negative one
+    v = x * m
+    negative = v < 0
+    v += 2**30
+    v -= negative * (2**31 - 1)
+    v += (v < 0) * (2**31 - 1)  # an arithmetic shift floors; this makes it truncate
+    high = v >> 31
+    # the rounding divide by 2**right: half away from zero
     mask = torch.bitwise_left_shift(torch.ones_like(right), right) - 1
-    remainder = high & mask
-    threshold = (mask >> 1) + (high < 0).to(torch.int64)
-    return (high >> right) + (remainder > threshold).to(torch.int64)
+    threshold = (mask >> 1) + (high < 0)
+    return (high >> right) + ((high & mask) > threshold)
 
 
 def add_multipliers(s_a: float, s_b: float, s_out: float) -> tuple[int, int, int, int, int, int]:
