@@ -71,6 +71,9 @@ class Summary:
     input_shape: tuple[int, ...]
     file: dict[str, Any] | None = None
     device: dict[str, Any] | None = None
+    #: ``{"bits", "observer"}`` of a model with quantized activations (one scale and zero
+    #: point per tensor, the same width for every layer); ``None`` for float activations.
+    activations: dict[str, Any] | None = None
 
     def attach_device(self, memory: dict[str, Any]) -> None:
         """Add the C program's flash and RAM (``cnnpress.runtime.c_memory``): ``flash_bytes``
@@ -116,23 +119,29 @@ class Summary:
             "totals": self.totals,
             "file": self.file,
             "device": self.device,
+            "activations": self.activations,
         }
 
     def table(self) -> Table:
         """A rich table of the rows and totals (and the file's bytes when attached)."""
-        t = Table(title=f"cnnpress summary, input {tuple(self.input_shape)}")
-        cols = [
-            "layer",
-            "kind",
-            "weights",
-            "stored bits",
-            "fp32 bits",
-            "ratio",
-            "MACs",
-            "binary MACs",
-            "adds",
-        ] + (["file bytes"] if self.file else []) + (
-            ["flash bytes", "RAM bytes"] if self._flash else [])
+        t = Table(
+            title=f"cnnpress summary, input {tuple(self.input_shape)}\n{self.activations_line()}"
+        )
+        cols = (
+            [
+                "layer",
+                "kind",
+                "weights",
+                "stored bits",
+                "fp32 bits",
+                "ratio",
+                "MACs",
+                "binary MACs",
+                "adds",
+            ]
+            + (["file bytes"] if self.file else [])
+            + (["flash bytes", "RAM bytes"] if self._flash else [])
+        )
         for col in cols:
             t.add_column(col, justify="left" if col in ("layer", "kind") else "right")
 
@@ -149,13 +158,19 @@ class Summary:
                 f"{r['adds']:,}",
             ]
             device = [kw.pop("flash", ""), kw.pop("ram", "")]
-            t.add_row(*cells, *([fb] if self.file else []), *(device if self._flash else []),
-                      **kw)
+            t.add_row(*cells, *([fb] if self.file else []), *(device if self._flash else []), **kw)
 
         for r in self.rows:
             ram = f"{r.ram_bytes:,}" if r.ram_bytes else ""
-            add(r.name, r.kind, f"{r.weights:,}", r.to_dict(), f"{r.file_bytes or 0:,}",
-                flash=f"{r.flash_bytes or 0:,}", ram=ram)
+            add(
+                r.name,
+                r.kind,
+                f"{r.weights:,}",
+                r.to_dict(),
+                f"{r.file_bytes or 0:,}",
+                flash=f"{r.flash_bytes or 0:,}",
+                ram=ram,
+            )
         tot = self.totals
         t.add_section()
         fb = f"{self.file['payload_bytes']:,}" if self.file else ""
@@ -182,6 +197,14 @@ class Summary:
         if self.device:
             t.caption = ((t.caption or "") + "\n" + self._device_line()).strip()
         return t
+
+    def activations_line(self) -> str:
+        """What the activations are: ``activations: int8 per tensor (mse observer)``, the same
+        width for every layer, or ``activations: float32``."""
+        a = self.activations
+        if not a:
+            return "activations: float32"
+        return f"activations: int{a['bits']} per tensor ({a['observer']} observer)"
 
     @property
     def _flash(self) -> bool:
@@ -265,7 +288,9 @@ def summary(
     """Per-layer storage and operations of ``model`` for one input of ``input_shape`` (C, H, W).
 
     Args:
-        model: Any model; layers of registered methods are costed by their method.
+        model: Any model; layers of registered methods are costed by their method. A model
+            with quantized activations (``cnnpress.quantize``, or a file that records them) is
+            costed as its float model, and ``Summary.activations`` says their width.
         input_shape: Shape of one input without the batch dimension.
         float_bits: Width at which floating-point tensors are stored (32, 16, or 8 for int8
             with scales: :mod:`cnnpress.floats`); the fp32 reference stays at 32 bits.
@@ -279,6 +304,7 @@ def summary(
         ConfigError: ``input_shape`` is not three positive integers, not of the channels the
             model takes, larger than :data:`MAX_INPUT_PIXELS`, or a shape the model cannot run.
     """
+    model, width = _float_model(model)
     check_input_shape(model, input_shape)
     leaves: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
@@ -286,30 +312,7 @@ def summary(
         is_leaf = next(module.children(), None) is None
         if method is not None or (is_leaf and inference_numel(module) > 0):
             leaves[name] = module
-    shapes: dict[str, tuple[int, ...]] = {}
-
-    def record(name: str):  # noqa: ANN202
-        def hook(_module: nn.Module, args: tuple) -> None:
-            shapes.setdefault(name, tuple(args[0].shape[1:]))
-
-        return hook
-
-    hooks = [m.register_forward_pre_hook(record(name)) for name, m in leaves.items()]
-    counter = FlopCounterMode(display=False)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), counter:
-            model(torch.zeros(1, *input_shape, device=_device(model)))
-    except RuntimeError as err:  # a spatial size the architecture cannot take
-        shape = "x".join(map(str, input_shape))
-        problem = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ConfigError(f"the model cannot run on a {shape} input ({problem})") from None
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
-    flops = counter.get_flop_counts()
+    shapes, flops = _trace(model, leaves, input_shape)
     prefix = type(model).__name__
     rows = []
     for name, module in leaves.items():
@@ -334,7 +337,52 @@ def summary(
                 method is not None,
             )
         )
-    return Summary(rows, _totals(rows, _reference_fp32_bits(model)), tuple(input_shape))
+    totals = _totals(rows, _reference_fp32_bits(model))
+    return Summary(rows, totals, tuple(input_shape), activations=width)
+
+
+def _float_model(model: nn.Module) -> tuple[nn.Module, dict[str, Any] | None]:
+    """The model whose layers are costed, and the activations' ``{"bits", "observer"}``: a
+    model with quantized activations (whose forward is the integer program, which calls no
+    layer) is costed as its float model."""
+    activations = getattr(model, "cnnpress_activations", None)
+    if not activations:
+        return model, None
+    return model.float_model, {"bits": activations["bits"], "observer": activations["observer"]}
+
+
+def _trace(
+    model: nn.Module, leaves: dict[str, nn.Module], input_shape: tuple[int, ...]
+) -> tuple[dict[str, tuple[int, ...]], dict[str, Any]]:
+    """One forward pass of a zero input: each leaf's input shape and the FLOPs per module.
+
+    Raises:
+        ConfigError: The model cannot run on ``input_shape``.
+    """
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def record(name: str):  # noqa: ANN202
+        def hook(_module: nn.Module, args: tuple) -> None:
+            shapes.setdefault(name, tuple(args[0].shape[1:]))
+
+        return hook
+
+    hooks = [m.register_forward_pre_hook(record(name)) for name, m in leaves.items()]
+    counter = FlopCounterMode(display=False)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), counter:
+            model(torch.zeros(1, *input_shape, device=_device(model)))
+    except RuntimeError as err:  # a spatial size the architecture cannot take
+        shape = "x".join(map(str, input_shape))
+        problem = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"the model cannot run on a {shape} input ({problem})") from None
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return shapes, counter.get_flop_counts()
 
 
 def _reference_fp32_bits(model: nn.Module) -> int | None:

@@ -11,7 +11,7 @@ from typing import Any, NoReturn
 
 from rich.console import Console
 
-from cnnpress.cli import commands, compare, files
+from cnnpress.cli import commands, compare, files, quantize
 from cnnpress.errors import CnnpressError
 from cnnpress.provenance import ALLOW_DIRTY_HELP
 from cnnpress.train.distributed import note_rank
@@ -88,7 +88,7 @@ def _compress_options(p: argparse.ArgumentParser) -> None:
 
 
 def _file_commands(sub: Any) -> None:
-    """The subcommands that read a model file: evaluate, summary, predict, export."""
+    """The subcommands that read a model file: evaluate, summary, quantize, predict, export."""
     p = sub.add_parser("evaluate", help="test accuracy of a trained model")
     p.add_argument("model_file", help="model.cnnp file or run folder")
     p.add_argument("--data", help="dataset (default: the one it was trained on)")
@@ -101,6 +101,8 @@ def _file_commands(sub: Any) -> None:
     p.add_argument("model_file", help="model.cnnp file or run folder")
     p.add_argument("--input-shape", help="C,H,W (default: the dataset's)")
     p.add_argument("--json", action="store_true")
+
+    _quantize_command(sub)
 
     p = sub.add_parser("predict", help="classify images (IDX, .npy or PNG) with a model file")
     p.add_argument("model_file", help="model.cnnp file or run folder")
@@ -117,7 +119,9 @@ def _file_commands(sub: Any) -> None:
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--onnx", help="output .onnx path")
     target.add_argument(
-        "--c", dest="c_dir", metavar="DIR",
+        "--c",
+        dest="c_dir",
+        metavar="DIR",
         help="folder for a C99 program that keeps the packed weights (model.c, cnnpress_rt.c, "
         "main.c; cc -std=c99 -O2 *.c -lm)",
     )
@@ -128,6 +132,45 @@ def _file_commands(sub: Any) -> None:
         default="dense",
         help="SLBF as a dense conv (default) or as grouped conv + gather + sum",
     )
+    p.add_argument("--json", action="store_true")
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (anything else is argparse's one-line error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _quantize_command(sub: Any) -> None:
+    """``quantize``: integer activations calibrated on training images, saved to a new file."""
+    p = sub.add_parser(
+        "quantize", help="int8 or 4-bit activations (the C program's integer arithmetic)"
+    )
+    p.add_argument("model_file", help="model.cnnp file, run folder or pretrained:NAME")
+    p.add_argument("--data", help="dataset (default: the one it was trained on)")
+    p.add_argument("--data-dir")
+    p.add_argument("--bits", type=int, choices=[8, 4], default=8, help="activation bits (8)")
+    p.add_argument(
+        "--observer",
+        choices=["mse", "minmax", "percentile"],
+        default="mse",
+        help="how each tensor's range is chosen (mse)",
+    )
+    p.add_argument(
+        "--calibration",
+        type=_positive_int,
+        default=1000,
+        metavar="N",
+        help="training images to calibrate on (1000)",
+    )
+    p.add_argument("--out", required=True, help="the quantized .cnnp file to write")
+    p.add_argument("--no-eval", action="store_true", help="skip the test accuracy before and after")
+    p.add_argument("--threads", type=int)
     p.add_argument("--json", action="store_true")
 
 
@@ -203,9 +246,12 @@ def main(argv: list[str] | None = None) -> int:
     console = Console() if sys.stdout.isatty() else Console(width=200)
     err = Console(stderr=True)
     try:
-        where = {"compare": compare, "train": commands, "compress": commands}.get(
-            args.command, files
-        )
+        where = {
+            "compare": compare,
+            "train": commands,
+            "compress": commands,
+            "quantize": quantize,
+        }.get(args.command, files)
         result = getattr(where, f"cmd_{args.command}")(args, console, err)
     except CnnpressError as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
