@@ -1,8 +1,9 @@
 """The house: data flows one way, no module of cnnpress imports back along the line.
 
 ``make test`` runs import-linter's layers contract (pyproject.toml); these tests check what
-it does not: no import cycle anywhere (inside a layer too), and no cnnpress import hidden in a
-function, where a cycle could hide from a reader.
+it does not: no import cycle anywhere (inside a layer too), no cnnpress import hidden in a
+function, where a cycle could hide from a reader, and no method named by the runtime (a
+method lowers its own layers through the hooks of its ``Method`` class).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 import grimp
 
 import cnnpress
+import cnnpress.methods
 
 SRC = Path(cnnpress.__file__).parent
 
@@ -101,3 +103,55 @@ def long_functions(limit: int = 80) -> list[str]:
 
 def test_functions_are_short_enough_to_read_at_once():
     assert long_functions() == []
+
+
+#: What the runtime may import from ``cnnpress.methods``: the package's generic entry points
+#: (``method_for``, ``get``, ...) and the contract, ``cnnpress.methods.base``.
+GENERIC = {"cnnpress.methods", "cnnpress.methods.base"}
+
+
+def method_imports(source: str, where: str, package: str = "cnnpress.runtime") -> list[str]:
+    """``where:line name`` of every import in ``source`` (a module of ``package``) of one
+    method: a module of ``cnnpress.methods`` other than the contract, or a name the package
+    does not export as a generic entry point (such as its submodule ``slbf``)."""
+    entry_points = set(cnnpress.methods.__all__)
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) + 1 - node.level]
+            module = ".".join(base + [node.module or ""]).strip(".") if node.level else node.module
+            names = [f"{module}.{a.name}" for a in node.names if module == "cnnpress.methods"]
+            names = [n for n in names if n.rpartition(".")[2] not in entry_points]
+            names += [module] if (module or "").startswith("cnnpress.methods.") else []
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names if a.name.startswith("cnnpress.methods.")]
+        else:
+            continue
+        found += [f"{where}:{node.lineno} {n}" for n in names if n not in GENERIC]
+    return found
+
+
+def test_the_runtime_names_no_method():
+    found = [
+        hit
+        for path in sorted((SRC / "runtime").rglob("*.py"))
+        for hit in method_imports(path.read_text(), str(path.relative_to(SRC)))
+    ]
+    assert found == []
+
+
+def test_the_method_import_check_sees_one():
+    planted = (
+        "from cnnpress.methods import method_for, slbf\n"
+        "from cnnpress.methods.base import Method\n"
+        "from cnnpress.methods.slbf import SLBFConv2d\n"
+        "import cnnpress.methods.binary\n"
+        "from ..methods.kmeans import KMeansLayer\n"
+        "from ..methods import get\n"
+    )
+    assert method_imports(planted, "m.py") == [
+        "m.py:1 cnnpress.methods.slbf",
+        "m.py:3 cnnpress.methods.slbf",
+        "m.py:4 cnnpress.methods.binary",
+        "m.py:5 cnnpress.methods.kmeans",
+    ]

@@ -15,7 +15,15 @@ from cnnpress.methods import (  # noqa: F401  (register them)
 )
 from cnnpress.methods.base import METHODS, LayerCost, Method, MethodConfig
 
-__all__ = ["LayerCost", "Method", "MethodConfig", "get", "method_for", "names"]
+__all__ = [
+    "LayerCost",
+    "Method",
+    "MethodConfig",
+    "get",
+    "method_for",
+    "names",
+    "use_plain_paths",
+]
 
 
 def names() -> list[str]:
@@ -35,3 +43,12 @@ def method_for(module: nn.Module) -> Method | None:
         if cls.layer_types and isinstance(module, cls.layer_types):
             return cls()
     return None
+
+
+def use_plain_paths(model: nn.Module) -> None:
+    """Put every compressed layer of ``model`` on PyTorch's plain path
+    (:meth:`Method.use_plain_path`): the values the exports are checked against."""
+    for module in model.modules():
+        method = method_for(module)
+        if method is not None:
+            method.use_plain_path(module)

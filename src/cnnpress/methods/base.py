@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -28,6 +29,7 @@ __all__ = [
     "METHODS",
     "MODEL_SETTINGS",
     "PLAIN_CONV",
+    "CTarget",
     "LayerCost",
     "Method",
     "MethodConfig",
@@ -105,8 +107,14 @@ class MethodConfig:
 
 #: ``MethodConfig`` fields about the whole model (which layers, how the file is saved), as
 #: opposed to the per-layer settings a method builds its layers from.
-MODEL_SETTINGS = ("include_first", "include_linear", "layers", "float_bits", "fold_batchnorm",
-                  "entropy")
+MODEL_SETTINGS = (
+    "include_first",
+    "include_linear",
+    "layers",
+    "float_bits",
+    "fold_batchnorm",
+    "entropy",
+)
 
 
 def config_from_dict(cls: type, values: dict[str, Any]) -> Any:
@@ -260,6 +268,35 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+class CTarget(Protocol):
+    """What the C export tells :meth:`Method.c_weights` about one layer it lowers.
+
+    The C runtime (:mod:`cnnpress.runtime`) implements it; a method reads it and names no part
+    of the runtime.
+
+    Attributes:
+        geometry: The layer's conv descriptor so far: ``c, h, w, n, oh, ow, kh, kw, sh, sw,
+            ph, pw, dh, dw, groups`` (a linear layer is a 1x1 conv over a 1x1 input).
+        weight_kinds: The C conv kernel's weight kinds by name (``"dense"``, ``"slbf"``,
+            ``"binary"``, ``"sparse"``, ``"kmeans"``; the C interface's ``WEIGHT``).
+        defines: The C runtime's constants by name (``CNNP_TILE``, ...).
+        huff: Which of the layer's streams the file Huffman-codes: 1 ``indices``,
+            2 ``positions`` (or both, 3).
+    """
+
+    geometry: Mapping[str, int]
+    weight_kinds: Mapping[str, int]
+    defines: Mapping[str, int]
+    huff: int
+
+    def array(self, name: str) -> Any | None:
+        """The layer's array ``name`` of the file, as a descriptor refers to it (``None``
+        where the file has no such array)."""
+
+    def huff_ints(self, alphabet: int) -> int:
+        """Scratch (32-bit words) of one Huffman decoder's tables over ``alphabet`` symbols."""
+
+
 class Method:
     """Base class of compression methods. Subclasses set ``name``, ``Config``, ``layer_types``.
 
@@ -276,6 +313,9 @@ class Method:
     #: Config fields that record what training changes (a pruning mask's layout). A checkpoint
     #: restores them with its tensors (then :meth:`sync`), so a freshly built model's may differ.
     trained_state: ClassVar[tuple[str, ...]] = ()
+    #: The C conv kernel's weight kinds (:attr:`CTarget.weight_kinds`) the method's layers
+    #: lower to; empty (default): the C export has no kernel for its layers.
+    c_kinds: ClassVar[tuple[str, ...]] = ()
 
     def resolve(self, model: nn.Module, config: Any) -> Any:
         """Fill data-dependent decisions into the config before :meth:`convert`.
@@ -339,6 +379,31 @@ class Method:
     def regulariser(self, model: nn.Module) -> Any | None:
         """A term added to the training loss each step (a scalar tensor), or ``None``."""
         return None
+
+    # -- deployment: the exports (cnnpress.runtime) lower each layer through these -----------
+    def c_weights(self, layer: nn.Module, target: CTarget) -> dict[str, Any] | str | None:
+        """The weight fields of the C conv descriptor of ``layer`` (one of
+        :attr:`layer_types`; the method has :attr:`c_kinds`).
+
+        Returns:
+            ``{"kind": target.weight_kinds[...], ...}``: the fields that differ from a dense
+            layer's (``wt``, ``code``, ``code_bits``, ``pos``, ``pos_bits``, ``pos_count``,
+            ``kept``, ``sel``, ``d``, ``m``, ``scale``, ``scale_n``, arrays as
+            ``target.array(name)`` gives them) and ``scratch``, the 32-bit words of scratch
+            its kernel needs; or a short reason why this layer has no C kernel (the export
+            refuses it in one line with that reason); ``None`` (default): no C kernel.
+        """
+        return None
+
+    def onnx_form(self, layer: nn.Module) -> str | None:
+        """The compact form that keeps ``layer`` packed in an ONNX file of mode ``"stm"``: a
+        name in :data:`cnnpress.runtime.stored.FORMS`, whose module reads ``layer``'s own
+        parts. ``None`` (default): the layer is exported as a plain Conv / Gemm."""
+        return None
+
+    def use_plain_path(self, layer: nn.Module) -> None:
+        """Make ``layer`` compute in eval mode with PyTorch's plain operations (the values the
+        exports are checked against), not a fast path of its own. Default: nothing."""
 
 
 def slimming_penalty(model: nn.Module, weight: float) -> torch.Tensor | None:

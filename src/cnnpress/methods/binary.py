@@ -60,6 +60,7 @@ from cnnpress.methods.base import (
     METHODS,
     MODEL_SETTINGS,
     PLAIN_CONV,
+    CTarget,
     LayerCost,
     Method,
     MethodConfig,
@@ -401,6 +402,7 @@ class _BinaryMethod(Method):
 
     layer_types = (BinaryConv2d, BinaryLinear)
     represents = PLAIN_CONV  # groups 1, zero padding
+    c_kinds = ("binary",)
 
     def convert(self, model: nn.Module, config: BinaryConfig) -> nn.Module:
         with_bn = following_batchnorm(model)
@@ -484,6 +486,20 @@ class _BinaryMethod(Method):
                     getattr(layer, name).copy_(torch.as_tensor(arrays[name].astype(np.float32)))
             if layer.shift is not None:
                 layer.shift_ready.fill_(True)
+
+    def c_weights(self, layer: nn.Module, target: CTarget) -> dict[str, Any] | str:
+        """Signs and the scale (``alpha`` per filter, or BinaryConnect's one scale) for the C
+        conv kernel; XNOR's binarised inputs have none."""
+        if layer.binarize_input:
+            return "XNOR's binary inputs have no C kernel"
+        scale = target.array("alpha") or target.array("scale")
+        count = 0 if scale is None else target.geometry["n"] if layer.has_alpha else 1
+        return dict(
+            kind=target.weight_kinds["binary"],
+            code=target.array("sign"),
+            scale=scale,
+            scale_n=count,
+        )
 
 
 @METHODS.register("binaryconnect")

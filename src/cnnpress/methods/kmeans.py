@@ -37,6 +37,7 @@ from cnnpress.floats import float_encoding, stored_float_bits
 from cnnpress.methods.base import (
     ANY_CONV,
     METHODS,
+    CTarget,
     LayerCost,
     Method,
     MethodConfig,
@@ -46,6 +47,7 @@ from cnnpress.methods.base import (
 )
 from cnnpress.methods.sparse import (
     SparseLayer,
+    c_sparse_weights,
     check_sparse_layout,
     keep_largest,
     layer_settings,
@@ -92,7 +94,6 @@ def kmeans_1d(values: torch.Tensor, k: int, iterations: int) -> tuple[torch.Tens
             break
         assign = new
     return c, assign
-
 
 
 class KMeansLayer(SparseLayer):
@@ -197,6 +198,7 @@ class KMeans(Method):
     layer_types = (KMeansLayer,)
     represents = ANY_CONV  # the layers keep the conv's own geometry
     trained_state = ("sparse_layout",)  # the masks, restored from a checkpoint's tensors
+    c_kinds = ("kmeans",)
 
     def resolve(self, model: nn.Module, config: KMeansConfig) -> KMeansConfig:
         """Record each pruned layer's sparse layout as conversion will make it (on a copy)."""
@@ -269,3 +271,14 @@ class KMeans(Method):
             layer.set_indices(indices)
             if layer.bias is not None:
                 layer.bias.copy_(torch.as_tensor(arrays["bias"].astype("float32")))
+
+    def c_weights(self, layer: nn.Module, target: CTarget) -> dict[str, Any]:
+        """Codebook and indices (and positions, when pruned first) for the C k-means kernel."""
+        return c_sparse_weights(
+            layer,
+            target,
+            kind=target.weight_kinds["kmeans"],
+            wt=target.array("codebook"),
+            code=target.array("indices"),
+            code_bits=layer.bits,
+        )

@@ -32,6 +32,7 @@ from cnnpress.floats import float_encoding, stored_float_bits
 from cnnpress.methods.base import (
     ANY_CONV,
     METHODS,
+    CTarget,
     LayerCost,
     Method,
     MethodConfig,
@@ -41,6 +42,7 @@ from cnnpress.methods.base import (
 )
 from cnnpress.methods.sparse import (
     SparseLayer,
+    c_sparse_weights,
     check_sparse_layout,
     is_fraction,
     keep_largest,
@@ -153,6 +155,7 @@ class MagnitudePrune(Method):
     layer_types = (MaskedLayer,)
     represents = ANY_CONV  # the layers keep the conv's own geometry
     trained_state = ("sparse_layout",)  # the masks, restored from a checkpoint's tensors
+    c_kinds = ("sparse",)
 
     def resolve(self, model: nn.Module, config: MagnitudePruneConfig) -> MagnitudePruneConfig:
         """Record each layer's sparse layout as conversion will make it (on a copy)."""
@@ -227,3 +230,8 @@ class MagnitudePrune(Method):
             layer.weight.copy_(weight)
             if layer.bias is not None:
                 layer.bias.copy_(torch.as_tensor(arrays["bias"].astype("float32")))
+
+    def c_weights(self, layer: nn.Module, target: CTarget) -> dict[str, Any]:
+        """Kept values and their positions for the C sparse conv kernel."""
+        kind = target.weight_kinds["sparse"]
+        return c_sparse_weights(layer, target, kind=kind, wt=target.array("values"))

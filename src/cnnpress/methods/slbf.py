@@ -57,6 +57,7 @@ from cnnpress.methods import slbf_init
 from cnnpress.methods.base import (
     METHODS,
     PLAIN_CONV,
+    CTarget,
     LayerCost,
     Method,
     config_from_dict,
@@ -365,6 +366,7 @@ class SLBF(Method):
     Config = SLBFConfig
     layer_types = (SLBFConv2d, SLBFLinear)
     represents = PLAIN_CONV  # groups 1, zero padding
+    c_kinds = ("slbf",)
 
     def convert(self, model: nn.Module, config: SLBFConfig) -> nn.Module:
         batchnorms = following_batchnorm(model)
@@ -439,6 +441,42 @@ class SLBF(Method):
     def learning_stats(self, model: nn.Module, before: Any) -> dict[str, Any]:
         """What training changed in the binary parts since ``before`` (:func:`learning_stats`)."""
         return learning_stats(model, before)
+
+    def c_weights(self, layer: nn.Module, target: CTarget) -> dict[str, Any]:
+        """Bank bits and selections for the C SLBF kernel (bank responses of a tile of output
+        positions, then the gather-add of the selected ones), with its scratch."""
+        g, bits = target.geometry, index_bits(layer.num_filters)
+        scratch = _c_scratch(
+            target, g["n"], layer.num_slices, layer.num_filters, g["kh"] * g["kw"], bits
+        )
+        return dict(
+            kind=target.weight_kinds["slbf"],
+            code=target.array("bank"),
+            sel=target.array("indices"),
+            code_bits=bits,
+            d=layer.slice_channels,
+            m=layer.num_filters,
+            scale=target.array("scale"),
+            scale_n=g["n"] if layer.has_scale else 0,
+            scratch=scratch,
+        )
+
+    def onnx_form(self, layer: nn.Module) -> str | None:
+        """A conv as split-transform-merge over its bit-packed bank; a linear layer dense."""
+        return "packed_stm" if isinstance(layer, SLBFConv2d) else None
+
+    def use_plain_path(self, layer: nn.Module) -> None:
+        """A conv's ``path`` set to ``"dense"`` (:func:`set_path`)."""
+        if isinstance(layer, SLBFConv2d):
+            layer.path = "dense"
+
+
+def _c_scratch(target: CTarget, n: int, s: int, m: int, kk: int, bits: int) -> int:
+    """Scratch (32-bit words) of the C SLBF kernel for n outputs of s slices over m bank
+    filters with kk = kh * kw: a tile's patches of one channel, responses and sums, and the
+    selections decoded (n * s uint16) with the decoder's tables when they are Huffman-coded."""
+    decoded = target.huff_ints(1 << bits) + (n * s + 1) // 2 if target.huff & 1 else 0
+    return target.defines["CNNP_TILE"] * (kk + m + 1 + n) + decoded
 
 
 def describe(model: nn.Module) -> list[dict[str, Any]]:

@@ -31,11 +31,12 @@ from torch import nn
 
 from cnnpress.errors import ConfigError
 from cnnpress.geometry import out_hw
-from cnnpress.methods.base import config_from_dict
+from cnnpress.methods.base import CTarget, config_from_dict
 
 __all__ = [
     "MAX_GAP_BITS",
     "SparseLayer",
+    "c_sparse_weights",
     "check_sparse_layout",
     "decode_positions",
     "describe_mask",
@@ -305,6 +306,18 @@ def recorded_layouts(model: nn.Module) -> dict[str, list[int]]:
         for name, m in model.named_modules()
         if isinstance(m, SparseLayer) and m.record is not None
     }
+
+
+def c_sparse_weights(layer: SparseLayer, target: CTarget, **fields: Any) -> dict[str, Any]:
+    """The C conv descriptor's weight ``fields`` (kind, values) of a sparse layer with its
+    kept positions when it is pruned, and the scratch of the Huffman decoders of its coded
+    streams (:meth:`cnnpress.methods.base.Method.c_weights`)."""
+    if layer.record is not None:
+        kept, bits, entries = layer.record
+        fields.update(pos=target.array("positions"), pos_bits=bits, pos_count=entries, kept=kept)
+    decoders = ((1, fields.get("code_bits", 0)), (2, fields.get("pos_bits", 0)))
+    fields["scratch"] = sum(target.huff_ints(1 << b) for flag, b in decoders if target.huff & flag)
+    return fields
 
 
 def is_fraction(value: Any) -> bool:

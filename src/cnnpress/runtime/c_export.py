@@ -30,7 +30,7 @@ from torch import nn
 from cnnpress.atomic import atomic_write_bytes
 from cnnpress.errors import CnnpressError
 from cnnpress.format.layout import encode, entropy_code, layout
-from cnnpress.methods.slbf import set_path
+from cnnpress.methods import use_plain_paths
 from cnnpress.models import from_arch
 from cnnpress.models.graph import trace
 from cnnpress.runtime.c_interface import BASE, STRUCTS, WEIGHT
@@ -171,7 +171,7 @@ class CProgram:
         self.input_shape = shape = _input_shape(model, input_shape)
         self.float_bits, fold, entropy = storage_settings(model)
         work = copy.deepcopy(model).to("cpu").float().eval()
-        set_path(work, "dense")  # the real values come from PyTorch's plain path
+        use_plain_paths(work)  # the real values come from PyTorch's plain path
         self.arrays: dict[tuple[str, str], tuple[str, bytes, tuple[int, ...]]] = {}
         entries = layout(work, self.float_bits, with_values=True, fold_batchnorm=fold)
         for e in entropy_code(entries) if entropy else entries:

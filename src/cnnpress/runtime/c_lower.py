@@ -1,44 +1,36 @@
 """Each graph node as calls of the C runtime's kernels (:class:`Lowerer`, used by
 :meth:`cnnpress.runtime.c_plan.Plan.run`).
 
-The compressed layers map to the conv kernel's weight kinds: ``nn.Conv2d`` / ``nn.Linear``
-dense (floats as the file keeps them), BinaryConnect and BWN signs with their scale, magnitude
-pruning's kept values and positions, k-means indices into the codebook (with positions when
-pruned first), SLBF bank bits and selections. Anything else is refused in one line.
+The layers map to the conv kernel's weight kinds: ``nn.Conv2d`` / ``nn.Linear`` dense
+(floats as the file keeps them); a method's layer as its method's
+:meth:`~cnnpress.methods.base.Method.c_weights` says (BinaryConnect and BWN signs with their
+scale, magnitude pruning's kept values and positions, k-means indices into the codebook, SLBF
+bank bits and selections), told the layer's geometry and arrays by a :class:`CLayer`. Anything
+else is refused in one line.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from cnnpress.geometry import numeric_padding, pair
-from cnnpress.methods.binary import BinaryConv2d, BinaryLinear
-from cnnpress.methods.kmeans import KMeansLayer
-from cnnpress.methods.prune import MaskedLayer
-from cnnpress.methods.slbf import SLBFConv2d, SLBFLinear, index_bits
+from cnnpress.methods import method_for
 from cnnpress.models.graph import FUNCTIONS
 from cnnpress.runtime.c_interface import ACT, BN, DEFINES, OP, POOL, WEIGHT
 from cnnpress.runtime.c_plan import ExportError, Op, Plan, View, movement_fn
 
-__all__ = ["SUPPORTED", "Lowerer", "no_epi"]
+__all__ = ["SUPPORTED", "CLayer", "Lowerer", "no_epi"]
 
 #: What the C runtime runs, for messages.
 SUPPORTED = (
     "fp32/float16/int8 layers, slbf, bwn, binaryconnect, magnitude_prune, kmeans, filter_prune"
-)
-CONV_TYPES = (
-    nn.Conv2d,
-    nn.Linear,
-    SLBFConv2d,
-    SLBFLinear,
-    BinaryConv2d,
-    BinaryLinear,
-    MaskedLayer,
-    KMeansLayer,
 )
 ACT_FUNCS = {"F.relu", "torch.relu", "F.relu6", "F.hardtanh"}
 BINARY = {"add": OP["add"], "torch.add": OP["add"], "sub": OP["sub"], "mul": OP["mul"]}
@@ -79,11 +71,32 @@ POINTWISE = dict(oh=1, ow=1, kh=1, kw=1, sh=1, sw=1, ph=0, pw=0, dh=1, dw=1)
 TILE = DEFINES["CNNP_TILE"]
 
 
-def slbf_scratch(n: int, s: int, m: int, kk: int, bits: int, coded: bool) -> int:
-    """Scratch (32-bit words) of the SLBF kernel for n outputs of s slices over m bank filters
-    with kk = kh * kw: a tile's patches of one channel, responses and sums, and the selections
-    decoded (n * s uint16) with the decoder's tables when they are Huffman-coded."""
-    return TILE * (kk + m + 1 + n) + (huff_ints(1 << bits) + (n * s + 1) // 2 if coded else 0)
+@dataclass
+class CLayer:
+    """What a method's :meth:`~cnnpress.methods.base.Method.c_weights` is told about one of
+    its layers (it implements :class:`cnnpress.methods.base.CTarget`)."""
+
+    weight_kinds: ClassVar[Mapping[str, int]] = MappingProxyType(WEIGHT)
+    defines: ClassVar[Mapping[str, int]] = MappingProxyType(DEFINES)
+    name: str
+    geometry: dict[str, Any]
+    huff: int
+    lowerer: Lowerer
+
+    def array(self, name: str) -> tuple[str, str] | None:
+        return self.lowerer.key(self.name, name)
+
+    def huff_ints(self, alphabet: int) -> int:
+        return huff_ints(alphabet)
+
+
+def lowers(module: nn.Module) -> bool:
+    """Whether the conv kernel takes ``module``: a plain conv or linear layer (an exact one,
+    else it is refused in :meth:`Lowerer.weights`), or a layer of a method with C kernels."""
+    if isinstance(module, (nn.Conv2d, nn.Linear)):
+        return True
+    method = method_for(module)
+    return method is not None and bool(method.c_kinds)
 
 
 def no_epi() -> dict[str, Any]:
@@ -139,7 +152,7 @@ class Lowerer:
     def module(
         self, plan: Plan, index: int, name: str, module: nn.Module, raw_args: list[Any], value: Any
     ) -> View:
-        if isinstance(module, CONV_TYPES):
+        if lowers(module):
             return self.conv(plan, name, module, plan.arg_view(raw_args[0]), value)
         if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
             return self.epilogue(plan, index, raw_args[0], self.batchnorm(name, module), name)
@@ -181,11 +194,8 @@ class Lowerer:
         return out
 
     def geometry(self, name: str, m: nn.Module, x: View, out: tuple[int, ...]) -> dict[str, Any]:
-        if (
-            not hasattr(m, "kernel_size")
-            or isinstance(m, (SLBFLinear, BinaryLinear))
-            or (hasattr(m, "is_conv") and not m.is_conv)
-        ):
+        # a linear layer, as the dense runtime tells them apart: a conv has stride and padding
+        if not all(hasattr(m, a) for a in ("kernel_size", "stride", "padding")):
             features = x.shape[-1]
             if x.numel != features:
                 raise ExportError(f"{name}: the C linear kernel takes one vector per image")
@@ -234,51 +244,16 @@ class Lowerer:
             huff=int(self.coded(name, "indices")) + 2 * int(self.coded(name, "positions")),
             res=0,
         )
-        if isinstance(m, (SLBFConv2d, SLBFLinear)):
-            s, bits = m.num_slices, index_bits(m.num_filters)
-            f.update(
-                kind=WEIGHT["slbf"],
-                code=k(name, "bank"),
-                sel=k(name, "indices"),
-                code_bits=bits,
-                d=m.slice_channels,
-                m=m.num_filters,
-                scale=k(name, "scale"),
-                scale_n=g["n"] if m.has_scale else 0,
-                scratch=slbf_scratch(
-                    g["n"], s, m.num_filters, g["kh"] * g["kw"], bits, bool(f["huff"] & 1)
-                ),
-            )
-        elif isinstance(m, (BinaryConv2d, BinaryLinear)):
-            if m.binarize_input:
-                raise ExportError(f"{name}: XNOR's binary inputs have no C kernel ({SUPPORTED})")
-            scale = k(name, "alpha") or k(name, "scale")
-            f.update(
-                kind=WEIGHT["binary"],
-                code=k(name, "sign"),
-                scale=scale,
-                scale_n=0 if scale is None else g["n"] if m.has_alpha else 1,
-            )
-        elif isinstance(m, (MaskedLayer, KMeansLayer)):
-            if m.record is not None:
-                kept, bits, entries = m.record
-                f.update(pos=k(name, "positions"), pos_bits=bits, pos_count=entries, kept=kept)
-            if isinstance(m, KMeansLayer):
-                f.update(
-                    kind=WEIGHT["kmeans"],
-                    wt=k(name, "codebook"),
-                    code=k(name, "indices"),
-                    code_bits=m.bits,
-                )
-            else:
-                f.update(kind=WEIGHT["sparse"], wt=k(name, "values"))
-            f["scratch"] = (huff_ints(1 << f["code_bits"]) if f["huff"] & 1 else 0) + (
-                huff_ints(1 << f["pos_bits"]) if f["huff"] & 2 else 0
-            )
-        elif type(m) in (nn.Conv2d, nn.Linear):
+        if type(m) in (nn.Conv2d, nn.Linear):
             f.update(kind=WEIGHT["dense"], wt=k(name, "weight"))
-        else:
+            return f
+        method = method_for(m)
+        got = None if method is None else method.c_weights(m, CLayer(name, g, f["huff"], self))
+        if isinstance(got, str):
+            raise ExportError(f"{name}: {got} ({SUPPORTED})")
+        if got is None:
             raise ExportError(f"layer {name} ({type(m).__name__}) has no C kernel ({SUPPORTED})")
+        f.update(got)
         return f
 
     # -- epilogues: batch norm and activations, fused where they can be -----------------------

@@ -35,9 +35,8 @@ from torch import nn
 
 from cnnpress.atomic import atomic_write_bytes
 from cnnpress.errors import CnnpressError
-from cnnpress.methods.slbf import SLBFConv2d
 from cnnpress.runtime.dense import dense_layer, is_compressed, replace_layers
-from cnnpress.runtime.stored import PackedSTMConv, stored_form, stored_tensors
+from cnnpress.runtime.stored import form_name, packed_form, stored_form, stored_tensors
 
 __all__ = ["DEFAULT_OPSET", "MAX_OPSET", "MIN_OPSET", "MODES", "export_onnx"]
 
@@ -84,17 +83,21 @@ def _float_dtype(model: nn.Module) -> torch.dtype:
 
 
 def _run_once(model: nn.Module, x: torch.Tensor, watch: bool) -> dict[int, tuple[int, int]]:
-    """Run ``model`` on ``x``; with ``watch``, return each SLBF conv's input and output size
-    ``(h_in, w_in, h_out, w_out)`` by id."""
+    """Run ``model`` on ``x``; with ``watch``, return the input and output size
+    ``(h_in, w_in, h_out, w_out)`` of each layer that has a compact form (an SLBF conv) by id."""
     sizes: dict[int, tuple[int, int]] = {}
 
     def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
         x = inputs[0]
-        sizes[id(module)] = (int(x.shape[-2]), int(x.shape[-1]), int(output.shape[-2]),
-                             int(output.shape[-1]))
+        sizes[id(module)] = (
+            int(x.shape[-2]),
+            int(x.shape[-1]),
+            int(output.shape[-2]),
+            int(output.shape[-1]),
+        )
 
     handles = (
-        [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, SLBFConv2d)]
+        [m.register_forward_hook(hook) for m in model.modules() if form_name(m) is not None]
         if watch
         else []
     )
@@ -117,10 +120,7 @@ def _deploy_model(model: nn.Module, mode: str, x: torch.Tensor) -> nn.Module:
     sizes = _run_once(work, x, watch=mode == "stm")
     bits = stored_float_bits(model)
     if mode == "stm":
-        work = replace_layers(
-            work,
-            lambda m: PackedSTMConv(m, bits, sizes[id(m)]) if isinstance(m, SLBFConv2d) else None,
-        )
+        work = replace_layers(work, lambda m: packed_form(m, bits, sizes))
     work = replace_layers(work, lambda m: dense_layer(m) if is_compressed(m) else None)
     if mode == "stm":  # the other floats at the width the file keeps them
         work = replace_layers(work, lambda m: stored_form(m, bits, sizes))

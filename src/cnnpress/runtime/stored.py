@@ -3,10 +3,12 @@
 An ONNX file that expands what cnnpress packed is not smaller where it is deployed. In these
 forms every value stays in its stored width, and the graph widens it with standard operators:
 
-* :class:`PackedSTMConv`: an SLBF conv's bank once, bit-packed into ``uint8`` (8 signs a
-  byte), unpacked with Cast, Div, Floor, Sub and Mul, then tiled for the grouped conv; its
-  selections packed too, at their index width rounded up to 1, 2, 4 or 8 bits (16 above
-  256 filters), unpacked the same way and widened by a Cast before the Gather.
+* :class:`PackedSTMConv` (the form ``"packed_stm"``): an SLBF conv's bank once, bit-packed
+  into ``uint8`` (8 signs a byte), unpacked with Cast, Div, Floor, Sub and Mul, then tiled for
+  the grouped conv; its selections packed too, at their index width rounded up to 1, 2, 4 or
+  8 bits (16 above 256 filters), unpacked the same way and widened by a Cast before the Gather.
+  A method's layer takes the form in :data:`FORMS` that its method's
+  :meth:`~cnnpress.methods.base.Method.onnx_form` names (:func:`packed_form`).
 * :class:`StoredFloats`: the floats that are not bit-packed, in ``float16`` where the file
   keeps float16 (then a Cast), or ``int8`` with a float32 scale per row where it keeps int8
   (a Cast and a Mul); float32 otherwise.
@@ -24,17 +26,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnpress.floats import check_float_bits, q8_encode, q8_rows
-from cnnpress.methods.slbf import SLBFConv2d
+from cnnpress.methods import method_for
 
 __all__ = [
+    "FORMS",
     "PackedSTMConv",
     "StoredAffine",
     "StoredConv",
     "StoredFloats",
     "StoredLinear",
+    "packed_form",
     "stored_form",
     "stored_tensors",
 ]
+
 
 class StoredFloats(nn.Module):
     """A float tensor held at ``float_bits`` (32, 16, or 8: int8 and a scale per row)."""
@@ -100,11 +105,15 @@ def _unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 class PackedSTMConv(nn.Module):
-    """An ``SLBFConv2d`` as split-transform-merge over its bit-packed bank (module doc)."""
+    """An SLBF conv as split-transform-merge over its bit-packed bank (module doc).
 
-    def __init__(
-        self, layer: SLBFConv2d, float_bits: int, sizes: tuple[int, int, int, int]
-    ) -> None:
+    ``layer`` has ``bank()`` (m, d, kh, kw) of +-1 and ``indices()`` (n, s), ``num_slices``,
+    ``num_filters``, ``slice_channels``, ``out_channels``, ``stride``, ``padding``,
+    ``dilation``, ``scale`` and ``bias`` (``None`` or n values); ``sizes`` is its input and
+    output size ``(h_in, w_in, h_out, w_out)``.
+    """
+
+    def __init__(self, layer: nn.Module, float_bits: int, sizes: tuple[int, int, int, int]) -> None:
         super().__init__()
         s, m, n = layer.num_slices, layer.num_filters, layer.out_channels
         self.num_slices, self.num_filters, self.out_channels = s, m, n
@@ -149,8 +158,14 @@ class PackedSTMConv(nn.Module):
         s, m, d = self.num_slices, self.num_filters, self.slice_channels
         h_in, w_in, h, w = self.sizes
         # every slice through the bank: one conv over (N*s, d, H, W), no tiled copy of it
-        z = F.conv2d(x.reshape(-1, d, h_in, w_in), self.bank(), None, self.stride,
-                     self.padding, self.dilation)
+        z = F.conv2d(
+            x.reshape(-1, d, h_in, w_in),
+            self.bank(),
+            None,
+            self.stride,
+            self.padding,
+            self.dilation,
+        )
         z = z.reshape(-1, s * m, h, w)  # z[:, j*m + t] = x_j * B[t]
         index = self.indices()  # n, s
         if self.offsets is not None:
@@ -179,8 +194,9 @@ class StoredConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias()
-        return F.conv2d(x, self.weight(), bias, self.stride, self.padding, self.dilation,
-                        self.groups)
+        return F.conv2d(
+            x, self.weight(), bias, self.stride, self.padding, self.dilation, self.groups
+        )
 
 
 class StoredLinear(nn.Module):
@@ -217,13 +233,34 @@ class StoredAffine(nn.Module):
         return x * values[0] + values[1]
 
 
+#: The compact forms of a method's layers, by the name its method's ``onnx_form`` gives.
+FORMS: dict[str, type[nn.Module]] = {"packed_stm": PackedSTMConv}
+
+
+def form_name(module: nn.Module) -> str | None:
+    """The name in :data:`FORMS` of ``module``'s compact form, or ``None`` (none: dense)."""
+    method = method_for(module)
+    return None if method is None else method.onnx_form(module)
+
+
+def packed_form(
+    module: nn.Module, float_bits: int, out_sizes: dict[int, tuple[int, int, int, int]]
+) -> nn.Module | None:
+    """The compact form of a method's layer (:func:`form_name`), or ``None`` to keep it (for
+    ``replace_layers``); ``out_sizes`` holds its input and output size by ``id``."""
+    name = form_name(module)
+    return None if name is None else FORMS[name](module, float_bits, out_sizes[id(module)])
+
+
 def stored_form(
-    module: nn.Module, float_bits: int, out_sizes: dict[int, tuple[int, int]]
+    module: nn.Module, float_bits: int, out_sizes: dict[int, tuple[int, int, int, int]]
 ) -> nn.Module | None:
     """The storage-keeping export form of ``module``, or ``None`` to keep it (for
-    ``replace_layers``); ``out_sizes`` holds each SLBF conv's output size by ``id``."""
-    if isinstance(module, SLBFConv2d):
-        return PackedSTMConv(module, float_bits, out_sizes[id(module)])
+    ``replace_layers``); ``out_sizes`` holds the input and output size of each layer that has
+    a compact form (:func:`packed_form`) by ``id``."""
+    packed = packed_form(module, float_bits, out_sizes)
+    if packed is not None:
+        return packed
     if type(module) is nn.Conv2d:
         return StoredConv(module, float_bits)
     if type(module) is nn.Linear:
