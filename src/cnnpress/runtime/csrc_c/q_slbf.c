@@ -1,80 +1,95 @@
 /* The integer SLBF conv (cnnpress_q.h): split-transform-merge over tiles of CNNP_TILE output
  * positions, as the float kernel, on centred int8 inputs. A bank filter's response is the sum
- * of the inputs under its +1 bits minus the sum under its -1 bits, so the bank and gather
- * loops only add and subtract int32 values; the one multiplication per output value is its
- * requantization. Scratch (int32, cnnpress.runtime.c_lower.slbf_scratch): one channel's
- * doubled patches, the m responses and the all-taps row, the n sums of the tile, and the
- * selections decoded once when Huffman-coded. */
+ * of the inputs under its +1 bits minus the sum under its -1 bits, so the patch, bank and
+ * gather loops only add and subtract int32 values (their indices too: running offsets); the
+ * one multiplication per output value is its requantization. Scratch (int32,
+ * cnnpress.runtime.c_lower.slbf_scratch): one channel's doubled patches, the m responses and
+ * the all-taps row, the n sums of the tile, and the selections decoded once when
+ * Huffman-coded. */
 #include "cnnpress_q.h"
 
-/* patch[q][e] = 2 (x - zi) of channel xc under tap q at the tile's positions (0: padding). */
-static void cnnp_q_patches(const cnnp_conv_t *p, const int8_t *xc, int32_t zi, const int *ih0,
-                           const int *iw0, int32_t *patch)
+/* The sizes of one conv that the tile loops need, multiplied out once per conv, so that the
+ * patch, bank, response and gather functions step through their arrays by running offsets
+ * and pointers only: SLBF's inner loops, index arithmetic included, have no multiplication
+ * (tests/test_q_kernels.py disassembles them; one by CNNP_TILE, a power of two, is a shift).
+ * Multiplication-free there, the kernel suits cores without a fast multiplier. */
+typedef struct {
+    int kk;           /* taps per channel: kh * kw */
+    int taps;         /* bits per bank filter: d * kk */
+    int32_t plane_in; /* h * w */
+    int32_t dh_w;     /* one tap row down the input: dh * w */
+} cnnp_q_sizes;
+
+/* patch[q][e] = 2 (x - zi) of channel xc under tap q = ky * kw + kx at the tile's positions
+ * (0: padding). Lane e's input row ih0[e] starts at xc + row0[e] (ih0[e] * w), tap row ky
+ * dy * w = ky * dh * w further: running offsets. */
+static void cnnp_q_patches(const cnnp_conv_t *p, const cnnp_q_sizes *n, const int8_t *xc,
+                           int32_t zi, const int *ih0, const int *iw0, const int32_t *row0,
+                           int32_t *patch)
 {
-    int q, e;
-    for (q = 0; q < p->kh * p->kw; q++) {
-        int dy = (q / p->kw) * p->dh, dx = (q % p->kw) * p->dw;
-        int32_t *row = patch + q * CNNP_TILE;
-        for (e = 0; e < CNNP_TILE; e++) {
-            int ih = ih0[e] + dy, iw = iw0[e] + dx;
-            int32_t v = ih >= 0 && ih < p->h && iw >= 0 && iw < p->w
-                            ? (int32_t)xc[(int32_t)ih * p->w + iw] - zi
-                            : 0;
-            row[e] = v + v;
-        }
-    }
+    int ky, kx, dy, dx, e;
+    int32_t dyw;
+    for (ky = 0, dy = 0, dyw = 0; ky < p->kh; ky++, dy += p->dh, dyw += n->dh_w)
+        for (kx = 0, dx = 0; kx < p->kw; kx++, dx += p->dw, patch += CNNP_TILE)
+            for (e = 0; e < CNNP_TILE; e++) {
+                int ih = ih0[e] + dy, iw = iw0[e] + dx;
+                int32_t v = ih >= 0 && ih < p->h && iw >= 0 && iw < p->w
+                                ? (int32_t)xc[row0[e] + dyw + iw] - zi
+                                : 0;
+                patch[e] = v + v;
+            }
 }
 
 /* z[t][e] += the doubled patch values under the 1 bits of taps [first, first + kk) of bank
- * filter t; all[e] += the doubled values under every tap. */
+ * filter t; all[e] += the doubled values under every tap. Filter t's bits start at bit
+ * t * taps of the bank: a running bit index. */
 static void cnnp_q_bank(const uint8_t *bank, int m, int taps, int first, int kk,
                         const int32_t *restrict patch, int32_t *restrict z,
                         int32_t *restrict all)
 {
+    const int32_t *row;
+    uint32_t start = (uint32_t)first; /* filter t's first bit, t * taps + first */
     int t, q, e;
-    for (q = 0; q < kk; q++)
-        for (e = 0; e < CNNP_TILE; e++) all[e] += patch[q * CNNP_TILE + e];
-    for (t = 0; t < m; t++) {
-        int32_t *restrict zt = z + t * CNNP_TILE;
-        uint32_t b = (uint32_t)t * (uint32_t)taps + (uint32_t)first;
-        for (q = 0; q < kk; q++, b++)
+    for (q = 0, row = patch; q < kk; q++, row += CNNP_TILE)
+        for (e = 0; e < CNNP_TILE; e++) all[e] += row[e];
+    for (t = 0; t < m; t++, z += CNNP_TILE, start += (uint32_t)taps) {
+        uint32_t b = start;
+        for (q = 0, row = patch; q < kk; q++, b++, row += CNNP_TILE)
             if ((bank[b >> 3] >> (b & 7u)) & 1u)
-                for (e = 0; e < CNNP_TILE; e++) zt[e] += patch[q * CNNP_TILE + e];
+                for (e = 0; e < CNNP_TILE; e++) z[e] += row[e];
     }
 }
 
 /* z[t][e]: bank filter t's +-1 response to slice xs at the tile's positions: 2 * (sum
  * under the 1 bits) - (sum under all bits) = z - all / 2, all even. */
-static void cnnp_q_responses(const cnnp_conv_t *p, const int8_t *xs, int32_t zi, const int *ih0,
-                             const int *iw0, const uint8_t *bank, int32_t *patch, int32_t *z)
+static void cnnp_q_responses(const cnnp_conv_t *p, const cnnp_q_sizes *n, const int8_t *xs,
+                             int32_t zi, const int *ih0, const int *iw0, const int32_t *row0,
+                             const uint8_t *bank, int32_t *patch, int32_t *z)
 {
-    int kk = p->kh * p->kw, cd, t, e;
-    int32_t plane_in = (int32_t)p->h * p->w;
-    int32_t *restrict all = z + p->m * CNNP_TILE;
-    for (e = 0; e < (p->m + 1) * CNNP_TILE; e++) z[e] = 0;
-    for (cd = 0; cd < p->d; cd++) {
-        cnnp_q_patches(p, xs + (int32_t)cd * plane_in, zi, ih0, iw0, patch);
-        cnnp_q_bank(bank, p->m, p->d * kk, cd * kk, kk, patch, z, all);
+    int cd, first, t, e, size = (p->m + 1) * CNNP_TILE;
+    int32_t *restrict all = z + p->m * CNNP_TILE, *zt;
+    for (e = 0; e < size; e++) z[e] = 0;
+    for (cd = 0, first = 0; cd < p->d; cd++, first += n->kk, xs += n->plane_in) {
+        cnnp_q_patches(p, n, xs, zi, ih0, iw0, row0, patch);
+        cnnp_q_bank(bank, p->m, n->taps, first, n->kk, patch, z, all);
     }
     for (e = 0; e < CNNP_TILE; e++) all[e] /= 2;
-    for (t = 0; t < p->m; t++) {
-        int32_t *restrict zt = z + t * CNNP_TILE;
+    for (t = 0, zt = z; t < p->m; t++, zt += CNNP_TILE)
         for (e = 0; e < CNNP_TILE; e++) zt[e] -= all[e];
-    }
 }
 
-/* acc[i][e] += the response output i's selection for slice j names. */
-static void cnnp_q_gather(const cnnp_conv_t *p, const int32_t *restrict z,
+/* acc[i][e] += the response output i's selection for slice j names: selection
+ * k = i * s + j, a running index. */
+static void cnnp_q_gather(const cnnp_conv_t *p, int s, const int32_t *restrict z,
                           const uint16_t *decoded, const uint8_t *sel, int j,
                           int32_t *restrict acc)
 {
-    int s = p->c / p->d, i, e;
-    for (i = 0; i < p->n; i++) {
-        int32_t k = (int32_t)i * s + j;
+    int32_t k = j;
+    int i, e;
+    for (i = 0; i < p->n; i++, k += s, acc += CNNP_TILE) {
         const int32_t *restrict zt =
             z + (decoded ? decoded[k] : cnnp_bits(sel, k, p->code_bits)) * CNNP_TILE;
-        int32_t *restrict a = acc + i * CNNP_TILE;
-        for (e = 0; e < CNNP_TILE; e++) a[e] += zt[e];
+        for (e = 0; e < CNNP_TILE; e++) acc[e] += zt[e];
     }
 }
 
@@ -101,6 +116,7 @@ static void cnnp_q_slbf_store(const cnnp_qctx *ctx, const cnnp_conv_t *p, const 
 
 void cnnp_q_conv_slbf(const cnnp_qctx *ctx, const cnnp_conv_t *p, const cnnp_q_t *q)
 {
+    cnnp_q_sizes n;
     int s = p->c / p->d, kk = p->kh * p->kw, j, e, count;
     int32_t plane_in = (int32_t)p->h * p->w, plane = (int32_t)p->oh * p->ow, at;
     const uint8_t *bank = ctx->weights + p->code, *sel = ctx->weights + p->sel;
@@ -110,6 +126,11 @@ void cnnp_q_conv_slbf(const cnnp_qctx *ctx, const cnnp_conv_t *p, const cnnp_q_t
     int32_t *acc = z + (p->m + 1) * CNNP_TILE, *rest = acc + p->n * CNNP_TILE;
     uint16_t *decoded = 0;
     int ih0[CNNP_TILE], iw0[CNNP_TILE];
+    int32_t row0[CNNP_TILE];
+    n.kk = kk;
+    n.taps = p->d * kk;
+    n.plane_in = plane_in;
+    n.dh_w = (int32_t)p->dh * p->w;
     if (p->huff & 1) { /* Huffman-coded selections: decoded once, in order */
         cnnp_huff coded;
         int32_t k;
@@ -123,11 +144,13 @@ void cnnp_q_conv_slbf(const cnnp_qctx *ctx, const cnnp_conv_t *p, const cnnp_q_t
             int32_t o = at + e;
             ih0[e] = e < count ? (int)(o / p->ow) * p->sh - p->ph : -16384;
             iw0[e] = e < count ? (int)(o % p->ow) * p->sw - p->pw : -16384;
+            row0[e] = (int32_t)ih0[e] * p->w;
         }
         for (e = 0; e < p->n * CNNP_TILE; e++) acc[e] = 0;
         for (j = 0; j < s; j++) {
-            cnnp_q_responses(p, x + (int32_t)j * p->d * plane_in, q->zi, ih0, iw0, bank, patch, z);
-            cnnp_q_gather(p, z, decoded, sel, j, acc);
+            cnnp_q_responses(p, &n, x + (int32_t)j * p->d * plane_in, q->zi, ih0, iw0, row0,
+                             bank, patch, z);
+            cnnp_q_gather(p, s, z, decoded, sel, j, acc);
         }
         cnnp_q_slbf_store(ctx, p, q, acc, at, count, y);
     }
