@@ -61,6 +61,33 @@ def test_the_integer_forward_is_close_to_the_float_model():
     assert (ref.argmax(1) == got.argmax(1)).mean() >= 0.9
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_requantized_conv_is_the_float_output_rounded_without_bias(bits):
+    """A conv, batch norm and ReLU whose output is the model's output (kept at 8 bits): the
+    integer program's values are the float ones rounded to the output's grid (the input's own
+    rounding moves some by a step or two), and not biased to one side."""
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+    model = calibrated_sequential(conv)
+    x = torch.randn(16, *SHAPE)
+    q = cnnpress.quantize(model, x, bits=bits, observer="minmax")
+    scale, _, *_ = q.cnnpress_activations["tensors"][_output_node(q)]
+    steps = (logits(q, x) - logits(q.float_model, x)) / scale
+    assert np.abs(steps).max() <= 4.0
+    assert abs(steps.mean()) < 0.05
+    assert (np.abs(steps) <= 0.5 + 1e-3).mean() > 0.8
+
+
+def calibrated_sequential(model: nn.Module) -> nn.Module:
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
 def _output_node(q: QuantizedModel) -> str:
     nodes = graph_of(q.float_model)["nodes"]
     return nodes[-1][3][0]["node"]
@@ -110,11 +137,11 @@ def test_the_mse_observer_clips_where_that_lowers_the_error():
     observed min/max (on the same values)."""
     torch.manual_seed(0)
     x = torch.distributions.Laplace(0.0, 1.0).sample((4, 1, 28, 28))
-    model = nn.Sequential(nn.Identity())
+    model = nn.Sequential(nn.Hardtanh(-100, 100), nn.Hardtanh(-100, 100))  # node "_0": inside
     errors = {}
     for observer in ("minmax", "mse"):
         acts = calibrate(model, x, bits=4, observer=observer)
-        scale, zero = next(iter(acts["tensors"].values()))
+        scale, zero = acts["tensors"]["_0"]
         errors[observer] = float(((fake_quantize(x, scale, zero, 4) - x) ** 2).mean())
     assert errors["mse"] < 0.8 * errors["minmax"]
 
@@ -138,9 +165,8 @@ def test_what_has_no_integer_kernel_is_one_line():
             x = self.conv(x) + 1.0  # a constant: no integer kernel
             return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
-    q = cnnpress.quantize(Shift().eval(), torch.randn(8, *SHAPE))
     with pytest.raises(ExportError, match="no integer kernel") as err:
-        q(torch.randn(2, *SHAPE))
+        cnnpress.quantize(Shift().eval(), torch.randn(8, *SHAPE))  # refused before it returns
     assert "\n" not in str(err.value)
     with pytest.raises(CnnpressError, match="bits must be 8 or 4"):
         cnnpress.quantize(Shift().eval(), torch.randn(8, *SHAPE), bits=6)

@@ -6,6 +6,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from cnnpress.budget import resolve_budget
@@ -16,6 +17,7 @@ from cnnpress.methods.apply import apply, make_config, rebuild
 from cnnpress.pretrained import model_file
 from cnnpress.runtime.c_export import storage_settings
 from cnnpress.runtime.quant import QuantizedModel, calibrate
+from cnnpress.runtime.quant import finetune as tune
 from cnnpress.train.checkpoint import build_model, load_state, read_meta, read_tensors
 
 __all__ = ["compress", "load", "load_model", "quantize", "rebuild", "save"]
@@ -65,6 +67,10 @@ def quantize(
     bits: int = 8,
     observer: str = "mse",
     limit: int = 1000,
+    finetune: Any = None,
+    epochs: int = 1,
+    lr: float = 0.002,
+    progress: Any = None,
 ) -> QuantizedModel:
     """``model`` with ``bits``-bit activations (8 or 4; one scale and zero point per tensor),
     calibrated on up to ``limit`` images of ``calibration`` (a tensor N x C x H x W, or a loader
@@ -75,11 +81,27 @@ def quantize(
     scale per row, TFLite's per-channel weights; the method's packed weights unchanged), so
     the returned model computes exactly what its file, and the C program, compute.
 
+    With ``finetune`` (a loader of training (images, labels)), the model is then fine-tuned
+    for ``epochs`` with fake-quantized activations (quantization-aware,
+    :func:`cnnpress.runtime.quant.finetune`, from learning rate ``lr``; ``progress(step,
+    steps, loss)`` after each step) and calibrated again.
+
     Returns:
         A :class:`QuantizedModel` in eval mode: its forward is the integer program.
     """
     if isinstance(model, QuantizedModel):
         model = model.float_model
+    q = _quantized(model, calibration, bits, observer, limit)
+    if finetune is not None and epochs > 0:
+        tune(q, finetune, epochs=epochs, lr=lr, progress=progress)
+        q = _quantized(q.float_model, calibration, bits, observer, limit)
+    return q
+
+
+def _quantized(
+    model: nn.Module, calibration: Any, bits: int, observer: str, limit: int
+) -> QuantizedModel:
+    """The model as its file holds it (floats at 8 bits), calibrated."""
     _, fold, entropy = storage_settings(model)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.cnnp"
@@ -89,7 +111,13 @@ def quantize(
             raise CnnpressError(f"cannot quantize a model that cannot be saved: {err}") from None
         stored = load_file(path)
     activations = calibrate(stored, calibration, bits=bits, observer=observer, limit=limit)
-    return QuantizedModel(stored, activations).eval()
+    q = QuantizedModel(stored, activations).eval()
+    spec = getattr(stored, "cnnpress_dataset", None) or {}
+    if isinstance(calibration, torch.Tensor):
+        q.program(tuple(int(v) for v in calibration.shape[1:]))  # refuses what has no kernel
+    elif spec.get("in_channels") and spec.get("image_size"):
+        q.program((int(spec["in_channels"]), *(int(v) for v in spec["image_size"])))
+    return q
 
 
 def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:

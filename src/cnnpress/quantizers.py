@@ -90,4 +90,3 @@ def mean_gather(
     chosen = index[members] if members is not None else index.reshape(-1)
     counts = torch.bincount(chosen, minlength=table.shape[0])
     return _MeanGather.apply(table, index, counts)
-

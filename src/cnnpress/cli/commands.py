@@ -237,6 +237,7 @@ def resume_config(
             f"{Path(args.out) / 'config.yaml'}"
         )
     out = Path(args.out)
+
     def read() -> bytes:  # rank 0 reads, every rank gets it
         return json.dumps(read_run(out)).encode()
 

@@ -33,22 +33,19 @@ def cmd_quantize(args: argparse.Namespace, console: Console, err: Console) -> di
     name = args.data or _dataset_of(meta, args.model_file).name
     check_fits(model, get_spec(name), args.model_file)
     train = load_dataset(name, "train", args.data_dir, limit=args.calibration)
-    q = quantize(
-        model,
-        Loader(train, BATCH, train=False),
-        bits=args.bits,
-        observer=args.observer,
-        limit=args.calibration,
-    )
-    spec = train.spec
-    try:  # refuse, before writing, a model whose layers have no integer kernels
-        q.program((spec.in_channels, *spec.image_size))
+    try:  # refused, before anything is written, where a layer has no integer kernel
+        q = quantize(
+            model,
+            Loader(train, BATCH, train=False),
+            bits=args.bits,
+            observer=args.observer,
+            limit=args.calibration,
+        )
     except CnnpressError as why:
         raise CnnpressError(f"cannot quantize {args.model_file}: {why}") from None
+    spec = train.spec
     dataset = meta.get("dataset") or spec.to_dict()
-    # the floats as quantize keeps them (int8 with scales per row), which the integer program
-    # reads; the storage the method's config records could be wider
-    size = save(q, args.out, dataset=dataset, **q.float_model.cnnpress_storage)
+    size = save(q, args.out, dataset=dataset)
     before = {"file_bytes": _file_bytes(meta), "activations": _width(model)}
     after = {"file_bytes": size, "activations": _width(q)}
     test = None if args.no_eval else load_dataset(name, "test", args.data_dir)

@@ -345,7 +345,9 @@ def check_dataset(dataset: Any) -> None:
 
 def check_activations(activations: Any) -> None:
     """Recorded activation quantization, or ``None``: ``{"bits": 8 or 4, "observer": str,
-    "tensors": {node: [scale, zero_point]}}`` (one scale and zero point per tensor)."""
+    "tensors": {node: [scale, zero_point]}}`` (one scale and zero point per tensor; a tensor
+    kept at another width, such as the input and the logits of a 4-bit model, adds its bits:
+    ``[scale, zero_point, 8]``)."""
     if activations is None:
         return
     if not isinstance(activations, dict):
@@ -364,24 +366,31 @@ def check_activations(activations: Any) -> None:
         raise ManifestError(
             f"activation tensors: {len(tensors):,} is more than {MAX_ACTIVATION_TENSORS:,}"
         )
-    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    for name, pair in tensors.items():
+    for name, entry in tensors.items():
         if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_CHARS:
             raise ManifestError(f"activation tensor name {name!r:.40} is no node name")
-        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
-            raise ManifestError(
-                f"activation tensor {name:.40} must be [scale, zero_point], got {pair!r:.40}"
-            )
-        scale, zero = pair
-        if not _is_number(scale) or scale <= 0:
-            raise ManifestError(
-                f"activation tensor {name:.40} has scale {scale!r:.40}, not a finite number > 0"
-            )
-        if not _is_int(zero) or not low <= zero <= high:
-            raise ManifestError(
-                f"activation tensor {name:.40} has zero point {zero!r:.40}, not an integer "
-                f"from {low} to {high}"
-            )
+        _check_tensor(name, entry, bits)
+
+
+def _check_tensor(name: str, entry: Any, bits: int) -> None:
+    """One tensor's ``[scale, zero_point]`` or ``[scale, zero_point, bits]``."""
+    if not isinstance(entry, (list, tuple)) or len(entry) not in (2, 3):
+        raise ManifestError(
+            f"activation tensor {name:.40} must be [scale, zero_point], got {entry!r:.40}"
+        )
+    scale, zero, own = (*entry, bits) if len(entry) == 2 else entry
+    if not _is_int(own) or own not in ACTIVATION_BITS:
+        raise ManifestError(f"activation tensor {name:.40} has bits {own!r:.40}, not 8 or 4")
+    if not _is_number(scale) or scale <= 0:
+        raise ManifestError(
+            f"activation tensor {name:.40} has scale {scale!r:.40}, not a finite number > 0"
+        )
+    low, high = -(2 ** (own - 1)), 2 ** (own - 1) - 1
+    if not _is_int(zero) or not low <= zero <= high:
+        raise ManifestError(
+            f"activation tensor {name:.40} has zero point {zero!r:.40}, not an integer "
+            f"from {low} to {high}"
+        )
 
 
 def check_manifest(manifest: dict[str, Any], payload_bytes: int, version: int) -> None:

@@ -14,12 +14,14 @@ from cnnpress.methods import (  # noqa: F401  (register them)
     slbf,
 )
 from cnnpress.methods.base import METHODS, LayerCost, Method, MethodConfig
+from cnnpress.methods.distill import kd_loss  # distillation: a training aid of every method
 
 __all__ = [
     "LayerCost",
     "Method",
     "MethodConfig",
     "get",
+    "kd_loss",
     "method_for",
     "names",
     "use_plain_paths",

@@ -70,7 +70,6 @@ def check_budget(config: Any) -> None:
         raise ConfigError(f"budget_max_filters must be an integer from 2 to 65536, got {cap!r}")
 
 
-
 def index_bits(num_filters: int) -> int:
     """Bits of one selection index into a bank of ``num_filters`` filters: ceil(log2 m)."""
     return max(1, math.ceil(math.log2(num_filters)))

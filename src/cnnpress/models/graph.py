@@ -39,14 +39,27 @@ GRAPH_VERSION = 1
 LEAVES: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {
     "Conv2d": (
         nn.Conv2d,
-        ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
-         "groups", "bias", "padding_mode"),
+        (
+            "in_channels",
+            "out_channels",
+            "kernel_size",
+            "stride",
+            "padding",
+            "dilation",
+            "groups",
+            "bias",
+            "padding_mode",
+        ),
     ),
     "Linear": (nn.Linear, ("in_features", "out_features", "bias")),
-    "BatchNorm2d": (nn.BatchNorm2d, ("num_features", "eps", "momentum", "affine",
-                                     "track_running_stats")),
-    "BatchNorm1d": (nn.BatchNorm1d, ("num_features", "eps", "momentum", "affine",
-                                     "track_running_stats")),
+    "BatchNorm2d": (
+        nn.BatchNorm2d,
+        ("num_features", "eps", "momentum", "affine", "track_running_stats"),
+    ),
+    "BatchNorm1d": (
+        nn.BatchNorm1d,
+        ("num_features", "eps", "momentum", "affine", "track_running_stats"),
+    ),
     "ReLU": (nn.ReLU, ("inplace",)),
     "ReLU6": (nn.ReLU6, ("inplace",)),
     "Hardtanh": (nn.Hardtanh, ("min_val", "max_val", "inplace")),
@@ -54,8 +67,10 @@ LEAVES: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {
     "Dropout": (nn.Dropout, ("p", "inplace")),
     "Flatten": (nn.Flatten, ("start_dim", "end_dim")),
     "MaxPool2d": (nn.MaxPool2d, ("kernel_size", "stride", "padding", "dilation", "ceil_mode")),
-    "AvgPool2d": (nn.AvgPool2d, ("kernel_size", "stride", "padding", "ceil_mode",
-                                 "count_include_pad")),
+    "AvgPool2d": (
+        nn.AvgPool2d,
+        ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad"),
+    ),
     "AdaptiveAvgPool2d": (nn.AdaptiveAvgPool2d, ("output_size",)),
     "AdaptiveMaxPool2d": (nn.AdaptiveMaxPool2d, ("output_size",)),
 }
@@ -95,10 +110,23 @@ def _shape(x: torch.Tensor, name: str) -> Any:
         raise ConfigError(f"a graph reads only {', '.join(ATTRIBUTES)} of a tensor, not {name!r}")
     return x.shape
 
+
 #: Tensor methods a graph may call.
 METHODS = frozenset(
-    {"view", "reshape", "flatten", "transpose", "permute", "contiguous", "chunk", "size",
-     "mean", "relu", "add", "mul"}
+    {
+        "view",
+        "reshape",
+        "flatten",
+        "transpose",
+        "permute",
+        "contiguous",
+        "chunk",
+        "size",
+        "mean",
+        "relu",
+        "add",
+        "mul",
+    }
 )
 
 #: Limits on what a file's graph may ask for.

@@ -136,7 +136,7 @@ _Q_FIELDS = (
     "mo",
     "so",
 )
-_Q_DEFAULT = {**{k: 0 for k in _Q_FIELDS}, "rq": -1, "scale": 0.0}
+_Q_DEFAULT = {**{k: 0 for k in _Q_FIELDS}, "rq": -1, "qmin": -128, "qmax": 127, "scale": 0.0}
 
 
 def storage_settings(model: nn.Module) -> tuple[int, bool, bool]:
@@ -343,7 +343,7 @@ class CProgram:
         out = [f"static const cnnp_q_t q_ops[{len(self.plan.ops)}] = {{"]
         rows = []
         for op in self.plan.ops:
-            q = {**_Q_DEFAULT, **op.q, "qmin": self.qrange[0], "qmax": self.qrange[1]}
+            q = {**_Q_DEFAULT, **op.q}
             values = ", ".join(str(int(q[k])) for k in _Q_FIELDS) + ", " + _float(q["scale"])
             rows.append(f"    {{{values}}} /* {op.kind} {op.module} */")
         out += [",\n".join(rows), "};\n"]
@@ -365,11 +365,6 @@ class CProgram:
             out.append(f"    cnnp_q_{name}(&ctx, &{where}, &q_ops[{i}]);")
         out.append("    return 0;\n}\n")
         return out
-
-    @property
-    def qrange(self) -> tuple[int, int]:
-        bits = self.integer.bits if self.integer else 8
-        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
     def model_h(self) -> str:
         c, h, w = self.input_shape

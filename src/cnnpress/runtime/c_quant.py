@@ -80,7 +80,7 @@ class _Lowering:
         self.plan, self.model, self.arrays = plan, model, arrays
         self.bits = int(activations["bits"])
         self.tensors = {k: (float(v[0]), int(v[1])) for k, v in activations["tensors"].items()}
-        self.qmin, self.qmax = qrange(self.bits)
+        self.widths = {k: int((*v, self.bits)[2]) for k, v in activations["tensors"].items()}
         self.held: dict[int, tuple[float, int]] = {}
         self.out_node = _value_nodes(plan)
         self.program = IntegerProgram(self.bits, [], {})
@@ -96,14 +96,20 @@ class _Lowering:
         encoding, data, shape = self.arrays[key]
         return decode(data, encoding, shape).astype(np.float64).reshape(-1)
 
-    def clamp(self, epi: dict[str, Any], q: tuple[float, int]) -> tuple[int, int]:
-        """The output range of an activation (none, ReLU or a clamp) in ``q``'s integers."""
-        lo, hi = self.qmin, self.qmax
+    def range(self, name: str) -> tuple[int, int]:
+        """The integer range of node ``name`` (its own width where it has one)."""
+        return qrange(self.widths.get(name, self.bits))
+
+    def clamp(self, epi: dict[str, Any], name: str) -> dict[str, int]:
+        """The output range of node ``name`` after an activation (none, ReLU or a clamp):
+        ``lo``, ``hi``, and the node's whole range ``qmin``, ``qmax``."""
+        qmin, qmax = self.range(name)
+        s, z = self.node_q(name)
+        lo, hi = qmin, qmax
         if epi.get("act"):
-            s, z = q
             lo = max(lo, z + _round(epi["lo"] / s)) if math.isfinite(epi["lo"]) else lo
             hi = min(hi, z + _round(epi["hi"] / s)) if math.isfinite(epi["hi"]) else hi
-        return lo, min(max(lo, hi), self.qmax)
+        return dict(lo=lo, hi=min(max(lo, hi), qmax), qmin=qmin, qmax=qmax)
 
     def requant(self, a: np.ndarray, b: np.ndarray, s_out: float) -> int:
         """Per-channel requantization of ``real = a * acc + b`` onto ``s_out`` into qdata;
@@ -114,7 +120,7 @@ class _Lowering:
             big = m == 0 or abs(bc) >= BIAS_LIMIT * abs(ac)
             bias = 0 if big else _round(bc / ac)
             offset = max(-(2**22), min(2**22, _round(bc / s_out))) if big else 0
-            self.program.qdata += [m, bias, (shift & 255) + 256 * offset]
+            self.program.qdata += [m, bias, shift + 256 * offset]  # shift in [-128, 127]
         return at
 
     def bn(self, epi: dict[str, Any], n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -136,14 +142,10 @@ class _Lowering:
         self.held[op.out.sid] = out_q
 
     def op_quant(self, op: Op) -> tuple[float, int]:
-        s, z = self.node_q(self.out_node[id(op)])
-        op.q = dict(
-            mode=QMODE["quantize"],
-            zo=z,
-            lo=self.qmin,
-            hi=self.qmax,
-            scale=float(np.float32(1.0 / s)),
-        )
+        name = self.out_node[id(op)]
+        s, z = self.node_q(name)
+        inverse = float(np.float32(1.0 / s))
+        op.q = dict(mode=QMODE["quantize"], zo=z, scale=inverse, **self.clamp({}, name))
         return s, z
 
     def op_conv(self, op: Op) -> tuple[float, int]:
@@ -157,14 +159,15 @@ class _Lowering:
         bn_a, bn_b = self.bn(epi, n)
         a = s_in * w_scale * np.broadcast_to(scale, (n,)) * bn_a
         b = (bias if bias is not None else np.zeros(n)) * bn_a + bn_b
-        s_out, z_out = self.node_q(self.out_node[id(op)])
-        lo, hi = self.clamp(epi, (s_out, z_out))
-        q = dict(zi=z_in, zo=z_out, lo=lo, hi=hi)
+        name = self.out_node[id(op)]
+        s_out, z_out = self.node_q(name)
+        q = dict(zi=z_in, zo=z_out, **self.clamp(epi, name))
         if f.get("res"):
             s_pre, z_pre = self.node_q(f["pre"])
             s_res, z_res = self.held[op.out.sid]
             q.update(rq=self.requant(a, b, s_pre), zp=z_pre, zb=z_res)
             q.update(zip(_ADD, add_multipliers(s_pre, s_res, s_out), strict=True))
+            q["qmin"], q["qmax"] = self.range(f["pre"])  # the pre-add value's range
         else:
             q.update(rq=self.requant(a, b, s_out))
         op.q = q
@@ -172,12 +175,11 @@ class _Lowering:
 
     def op_epi(self, op: Op) -> tuple[float, int]:
         s_in, z_in = self.held[op.reads[0].sid]
-        c = op.fields["c"]
-        bn_a, bn_b = self.bn(op.epi, c)
-        s_out, z_out = self.node_q(self.out_node[id(op)])
-        lo, hi = self.clamp(op.epi, (s_out, z_out))
+        bn_a, bn_b = self.bn(op.epi, op.fields["c"])
+        name = self.out_node[id(op)]
+        s_out, z_out = self.node_q(name)
         rq = self.requant(s_in * bn_a, bn_b, s_out)
-        op.q = dict(zi=z_in, zo=z_out, lo=lo, hi=hi, rq=rq)
+        op.q = dict(zi=z_in, zo=z_out, rq=rq, **self.clamp(op.epi, name))
         return s_out, z_out
 
     def op_binary(self, op: Op) -> tuple[float, int]:
@@ -188,9 +190,9 @@ class _Lowering:
                 "integer kernel"
             )
         (s_a, z_a), (s_b, z_b) = self.held[f["a"].sid], self.held[f["b"].sid]
-        s_out, z_out = self.node_q(self.out_node[id(op)])
-        lo, hi = self.clamp(op.epi, (s_out, z_out))
-        q = dict(zi=z_a, zb=z_b, zo=z_out, lo=lo, hi=hi)
+        name = self.out_node[id(op)]
+        s_out, z_out = self.node_q(name)
+        q = dict(zi=z_a, zb=z_b, zo=z_out, **self.clamp(op.epi, name))
         if f["op"] == OP["mul"]:
             q["mo"], q["so"] = quantize_multiplier(s_a * s_b / s_out)
         else:
@@ -206,17 +208,19 @@ class _Lowering:
         if self.plan.storages[op.out.sid].base == LOGITS:
             op.q = dict(mode=QMODE["dequantize"], zi=z_in, scale=s_in)
             return s_in, z_in
-        s_out, z_out = s_in, z_in
+        s_out, z_out, limits = s_in, z_in, dict(lo=-128, hi=127)
         if op.module in ("cat", "pad"):
-            s_out, z_out = self.node_q(self.plan.nodes[op.step][0])
+            name = self.plan.nodes[op.step][0]
+            (s_out, z_out), limits = self.node_q(name), self.clamp({}, name)
         mo, so = (0, 0) if (s_out, z_out) == (s_in, z_in) else quantize_multiplier(s_in / s_out)
-        op.q = dict(mode=QMODE["copy"], zi=z_in, zo=z_out, lo=self.qmin, hi=self.qmax, mo=mo, so=so)
+        op.q = dict(mode=QMODE["copy"], zi=z_in, zo=z_out, mo=mo, so=so, **limits)
         return s_out, z_out
 
     def op_fill(self, op: Op) -> tuple[float, int]:
-        s, z = self.node_q(self.plan.nodes[op.step][0])
-        value = max(self.qmin, min(self.qmax, z + _round(op.fields["value"] / s)))
-        op.q = dict(zo=value)
+        name = self.plan.nodes[op.step][0]
+        s, z = self.node_q(name)
+        qmin, qmax = self.range(name)
+        op.q = dict(zo=max(qmin, min(qmax, z + _round(op.fields["value"] / s))))
         return s, z
 
     def op_pool(self, op: Op) -> tuple[float, int]:
@@ -378,7 +382,7 @@ def _conv(m: _Machine, op: Op, program: IntegerProgram, qdata: torch.Tensor) -> 
     acc = acc.round().to(torch.int64)
     out = _requant(acc, qdata, q["rq"], f["n"])
     if f.get("res"):
-        pre = (q["zp"] + out).clamp(*qrange(program.bits))
+        pre = (q["zp"] + out).clamp(q["qmin"], q["qmax"])
         residual = m.get(op.out).reshape(pre.shape)
         out = _add(pre, residual, {**q, "zi": q["zp"]})
     else:
@@ -453,7 +457,7 @@ def _broadcast(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 def _copy(m: _Machine, op: Op) -> None:
     q, x = op.q, m.get(op.reads[0])
     if q["mode"] == QMODE["quantize"]:
-        m.put(op.out, quantize_input(x, q["scale"], q["zo"], m.bits).clamp(q["lo"], q["hi"]))
+        m.put(op.out, quantize_input(x, q["scale"], q["zo"], 8).clamp(q["lo"], q["hi"]))
     elif q["mode"] == QMODE["dequantize"]:
         m.put(op.out, dequantize(x, q["scale"], q["zi"]))
     elif q["mo"] == 0:
@@ -483,5 +487,6 @@ def run_integer(plan: Plan, program: IntegerProgram, x: torch.Tensor) -> torch.T
             m.put(op.out, torch.full((m.n, op.out.numel), q["zo"], dtype=torch.int64))
         elif op.kind == "pool":
             _pool(m, op)
-    out = next(sid for sid, s in enumerate(plan.storages) if s.base == LOGITS)
-    return m.mem[out][:, : plan.logits].clone()
+    last = next(op for op in plan.ops if plan.storages[op.out.sid].base == LOGITS)
+    shape = last.reads[0].shape
+    return m.mem[last.out.sid][:, : plan.logits].reshape(m.n, *shape[1:]).clone()

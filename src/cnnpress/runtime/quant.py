@@ -18,21 +18,31 @@ straight-through gradient.
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from cnnpress.errors import CnnpressError
 from cnnpress.fixedpoint import choose_qparams, qrange
+from cnnpress.methods import kd_loss
 from cnnpress.models.graph import FUNCTIONS, _decode
 from cnnpress.runtime.c_export import CProgram, graph_of
 from cnnpress.runtime.c_plan import MOVES_F, MOVES_M
 from cnnpress.runtime.c_quant import run_integer
 
-__all__ = ["OBSERVERS", "QuantizedModel", "calibrate", "fake_quantize", "run_graph"]
+__all__ = [
+    "OBSERVERS",
+    "QuantizedModel",
+    "calibrate",
+    "fake_quantize",
+    "finetune",
+    "run_graph",
+]
 
 OBSERVERS = ("minmax", "percentile", "mse")
 #: Values of each node kept for the percentile and MSE observers.
@@ -162,6 +172,7 @@ def calibrate(
     if not obs.lo:
         raise CnnpressError("the calibration gave no images")
     tensors: dict[str, list[Any]] = {}
+    wide = _ends(graph) if bits < 8 else set()
     for node in graph["nodes"]:
         name = node[0]
         if name not in obs.lo:
@@ -170,9 +181,21 @@ def calibrate(
         if source is not None and _passes(model, node):
             tensors[name] = list(tensors[source])
             continue
-        scale, zero = choose_qparams(*_range(obs, name, observer, bits), bits)
-        tensors[name] = [scale, zero]
+        own = 8 if name in wide else bits
+        scale, zero = choose_qparams(*_range(obs, name, observer, own), own)
+        tensors[name] = [scale, zero] if own == bits else [scale, zero, own]
     return {"bits": bits, "observer": observer, "tensors": tensors}
+
+
+def _ends(graph: dict[str, Any]) -> set[str]:
+    """The input and the node the output returns: kept at 8 bits under narrower activations
+    (the image's 256 grey levels, and logits whose ties would decide the class)."""
+    nodes = graph["nodes"]
+    ends = {n[0] for n in nodes if n[1] == "input"}
+    out = nodes[-1][3][0] if nodes and nodes[-1][1] == "output" else None
+    if isinstance(out, dict) and "node" in out:
+        ends.add(out["node"])
+    return ends
 
 
 def _first_tensor(node: list[Any], tensors: dict[str, Any]) -> str | None:
@@ -229,8 +252,55 @@ class QuantizedModel(nn.Module):
             def visit(name: str, value: torch.Tensor) -> torch.Tensor:
                 if name not in tensors:
                     return value
-                return fake_quantize(value, tensors[name][0], tensors[name][1], bits)
+                scale, zero, own = (*tensors[name], bits)[:3]
+                return fake_quantize(value, scale, zero, own)
 
             return run_graph(self.float_model, graph, x, visit)
         program = self.program(tuple(int(v) for v in x.shape[1:]))
         return run_integer(program.plan, program.integer, x.detach().cpu())
+
+
+def finetune(
+    q: QuantizedModel,
+    batches: Any,
+    epochs: int = 1,
+    lr: float = 0.002,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> None:
+    """Quantization-aware fine-tuning of ``q``'s model, in place.
+
+    Every step runs the fake-quantized forward (straight-through, at the recorded scales and
+    zero points), with the batch norms frozen (their statistics stay those the file keeps), and
+    distils from the model as it was before (float activations, T=4, alpha=0.9) with SGD
+    (momentum 0.9, cosine learning rate from ``lr``). ``batches`` is a re-iterable loader of
+    (images, labels) (a ``cnnpress.data.Loader`` over the training split);
+    ``progress(step, steps, loss)`` is called after each step. The caller calibrates again
+    afterwards (:func:`cnnpress.quantize` does).
+    """
+    teacher = copy.deepcopy(q.float_model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    params = [p for p in q.float_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9)
+    steps = epochs * len(batches)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, steps))
+    step = 0
+    for epoch in range(epochs):
+        if hasattr(batches, "set_epoch"):
+            batches.set_epoch(epoch)
+        for x, y in batches:
+            q.train()
+            for m in q.float_model.modules():
+                if isinstance(m, _BatchNorm):
+                    m.eval()
+            with torch.no_grad():
+                target = teacher(x)
+            loss = kd_loss(q(x), target, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            step += 1
+            if progress is not None:
+                progress(step, steps, float(loss))
+    q.eval()
