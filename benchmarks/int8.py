@@ -16,7 +16,9 @@ Per model:
 - ``observers``: each observer's int8 accuracy on 5,000 held-out *training* images (the last
   5,000; calibration takes 1,000 of the first), which chooses the default without looking at
   the test set; ``int8_accuracy`` and ``int4_accuracy``: the default observer's, post-training,
-  from PyTorch's integer forward over the 10,000 test images;
+  from PyTorch's integer forward over the 10,000 test images; ``int4_qat_accuracy`` for the
+  models named in ``--qat``: 4-bit after ``--qat-epochs`` of quantization-aware fine-tuning
+  on the training split (``cnnpress.quantize(..., finetune=...)``), with its seconds;
 - the int8 C program on the first ``--images`` test images: ``bit_equal`` (its logits against
   PyTorch's integer forward, every bit), RAM and flash (the exporter's figures and ``size`` of
   ``model.o``), and the float C program's;
@@ -24,13 +26,12 @@ Per model:
   of one process over all the images), PyTorch (the float model), onnxruntime (the dense
   fp32 ONNX export).
 
-The benchmark writes its trained-model-free figures for the shipped model even when no other
-file is given; the quantization-aware rows are not measured here (no fine-tuning yet).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
@@ -43,7 +44,7 @@ import onnxruntime as ort
 import torch
 
 import cnnpress
-from cnnpress.data import get_spec, load_dataset, normalize
+from cnnpress.data import Loader, get_spec, load_dataset, normalize
 from cnnpress.pretrained import resolve
 from cnnpress.provenance import (
     ALLOW_DIRTY_HELP,
@@ -91,11 +92,14 @@ def run_c(prog: Path, x: torch.Tensor) -> tuple[np.ndarray, float]:
 
 
 def torch_ms(model: torch.nn.Module, x: torch.Tensor) -> float:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     with torch.no_grad():
         model(x[:1])
         start = time.perf_counter()
         for i in range(len(x)):
             model(x[i : i + 1])
+    torch.set_num_threads(threads)
     return round(1000 * (time.perf_counter() - start) / len(x), 3)
 
 
@@ -146,6 +150,21 @@ def measure(name: str, path: str, data: dict, folder: Path) -> dict:
     gotf, msf = run_c(progf, x)
     with torch.no_grad():
         ref8, reff = q8(x).numpy(), model(x).numpy()
+    if name in data["qat"]:
+        start = time.perf_counter()
+        loader = Loader(load_dataset("fashion-mnist", "train"), 128, train=True, seed=0)
+        qat = cnnpress.quantize(
+            model,
+            data["calibration"],
+            bits=4,
+            observer=best,
+            finetune=loader,
+            epochs=data["qat_epochs"],
+        )
+        row["int4_qat_accuracy"] = accuracy(qat, x_test, y_test)
+        row["qat_epochs"] = data["qat_epochs"]
+        row["qat_seconds"] = round(time.perf_counter() - start, 1)
+        row["int4_qat_program"] = c_program(qat, folder / f"{name}-int4")[1]
     row.update(
         images=len(x),
         bit_equal=bool(np.array_equal(got8, ref8)),
@@ -168,22 +187,67 @@ def measure(name: str, path: str, data: dict, folder: Path) -> dict:
     return row
 
 
+def tables(path: str) -> str:
+    """The README's tables (markdown) from a results file of this script."""
+    rows = json.loads(Path(path).read_text())["rows"]
+    out = [
+        "| model | `.cnnp` bytes | float | float, int8 floats | int8 PTQ | int4 PTQ "
+        "| int4 QAT | C = PyTorch (images) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        qat = f"{r['int4_qat_accuracy']:.2f}%" if "int4_qat_accuracy" in r else "not run"
+        out.append(
+            f"| {r['model']} | {r['cnnp_bytes']:,} | {r['float_accuracy']:.2f}% | "
+            f"{r['float8_accuracy']:.2f}% | {r['int8_accuracy']:.2f}% ({r['observer']}) | "
+            f"{r['int4_accuracy']:.2f}% | {qat} | {'bit-equal' if r['bit_equal'] else 'DIFFER'}"
+            f" ({r['images']:,}) |"
+        )
+    out += [
+        "",
+        "| model | RAM int8 (arena + scratch) | RAM float | flash int8 (weights + requant + "
+        "descriptors) | flash float | C int8 ms | C float ms | PyTorch ms | onnxruntime ms |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        i, f = r["int8_program"], r["float_program"]
+        out.append(
+            f"| {r['model']} | {i['ram_bytes']:,} ({i['arena_bytes']:,} + "
+            f"{i['scratch_bytes']:,}) | {f['ram_bytes']:,} | {i['flash_bytes']:,} "
+            f"({i['const_bytes']:,} + {i['requant_bytes']:,} + {i['descriptor_bytes']:,}) | "
+            f"{f['flash_bytes']:,} | {r['c_int8_ms']} | {r['c_float_ms']} | "
+            f"{r['torch_float_ms']} | {r['onnxruntime_dense_fp32_ms']} |"
+        )
+    return "\n".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=1000, help="test images for the C checks")
+    parser.add_argument("--test-images", type=int, default=10000, help="for the accuracies")
+    parser.add_argument("--held-out", type=int, default=5000, help="for choosing the observer")
     parser.add_argument("--files", nargs="*", default=[], help="NAME=PATH of more .cnnp files")
+    parser.add_argument("--qat", default="", help="comma-separated names: 4-bit QAT rows")
+    parser.add_argument("--qat-epochs", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2, help="threads for the accuracies")
     parser.add_argument("--out", default=None)
     parser.add_argument("--allow-dirty", action="store_true", help=ALLOW_DIRTY_HELP)
+    parser.add_argument("--table", default=None, help="print the README tables of a result")
     args = parser.parse_args()
+    if args.table:
+        print(tables(args.table))
+        return
     require_clean_or_exit(args.allow_dirty or not args.out)
     if shutil.which("cc") is None or shutil.which("size") is None:
         sys.exit("this benchmark needs cc and size (binutils)")
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)  # the accuracies; every timing takes one thread
     data = {
         "calibration": split("train", 0, 1000)[0],
-        "held_out": split("train", 55000, 60000),
-        "test": split("test", 0, 10000),
+        "held_out": split("train", 60000 - args.held_out, 60000),
+        "test": split("test", 0, args.test_images),
         "images": args.images,
+        "qat": set(filter(None, args.qat.split(","))),
+        "qat_epochs": args.qat_epochs,
     }
     files = [("fp32", "pretrained:resnet20-fmnist")] + [tuple(f.split("=", 1)) for f in args.files]
     with tempfile.TemporaryDirectory() as tmp:

@@ -3,13 +3,19 @@
 :func:`export_c` writes ``model.c`` / ``model.h`` (every array the ``.cnnp`` file stores, as
 ``const`` bytes equal to the file's: SLBF bank and selection bits, binary signs and scales,
 sparse positions and values, k-means indices and codebooks, floats as float32, float16 or int8
-with their scales; the operations as constant descriptors; one static arena), the reference
-kernels ``cnnpress_rt.c`` / ``cnnpress_rt.h`` and ``main.c`` (N float32 inputs on stdin, N x K
-float32 logits on stdout). ``int cnnp_predict(const float *input, float *logits)`` allocates
-nothing and reads no file. Build: ``cc -std=c99 -O2 -Wall -Wextra -Werror *.c -lm``.
+with their scales; the operations as constant descriptors; one static arena), the kernels
+(every file of ``csrc_c/``, :data:`RUNTIME_FILES`) and ``main.c`` (N float32 inputs on stdin,
+N x K float32 logits on stdout). ``int cnnp_predict(const float *input, float *logits)``
+allocates nothing and reads no file. Build: ``cc -std=c99 -O2 -Wall -Wextra -Werror *.c -lm``.
 
-:func:`c_memory` gives the two numbers a device needs: flash (the const bytes, per layer) and
-RAM (the arena the liveness plan sizes, plus the kernels' scratch).
+A model with quantized activations (a ``QuantizedModel``, :mod:`cnnpress.runtime.quant`) gives
+the integer program (:mod:`cnnpress.runtime.c_quant`): an int8 arena, the packed weights the
+integer kernels read (the batch norms, scales and biases are folded into a per-channel
+requantization table, ``qdata``) and each operation's integer parameters (``cnnp_q_t``).
+
+:func:`c_memory` gives the two numbers a device needs: flash (the const bytes, per layer, and
+the requantization table) and RAM (the arena the liveness plan sizes, plus the kernels'
+scratch).
 
 Huffman-coded streams (``entropy``: SLBF selections, k-means indices, sparse positions) stay
 coded; the kernels decode them in order, with the decoder's tables in scratch.
