@@ -50,6 +50,15 @@ def test_the_c_program_equals_the_integer_forward_bit_for_bit(tmp_path, name, me
     assert len(np.unique(ref)) > 10  # the logits are not degenerate
 
 
+def test_a_batch_gives_what_its_images_give_one_by_one():
+    """Slices of a larger tensor (views with an offset) read their own images."""
+    q = quantized("resnet20", "slbf", {"slice_channels": 4, "num_filters": 8})
+    x = torch.randn(10, *SHAPE)
+    whole = logits(q, x)
+    assert np.array_equal(np.concatenate([logits(q, part) for part in x.split(3)]), whole)
+    assert np.array_equal(logits(q, x[7:8])[0], whole[7])
+
+
 def test_the_integer_forward_is_close_to_the_float_model():
     """On a plain LeNet-5 of random weights, int8 moves no logit by more than a few of its
     output steps (this model's logits span about 0.3)."""

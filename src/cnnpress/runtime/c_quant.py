@@ -333,11 +333,12 @@ class _Machine:
             dtype = torch.float32 if s.base in (INPUT, LOGITS) else torch.int64
             self.mem[sid] = torch.zeros(self.n, max(1, s.size), dtype=dtype)
         src = next(i for i, s in enumerate(plan.storages) if s.base == INPUT)
-        self.mem[src] = x.reshape(self.n, -1).to(torch.float32)
+        self.mem[src] = x.reshape(self.n, -1).to(torch.float32).contiguous()
 
     def get(self, v: View) -> torch.Tensor:
-        size = self.mem[v.sid].shape[1]
-        return self.mem[v.sid].as_strided((self.n, *v.shape), (size, *v.strides), v.offset)
+        t = self.mem[v.sid]  # (N, size), maybe a view of a larger tensor (a slice of a batch)
+        strides = (t.stride(0), *v.strides)
+        return t.as_strided((self.n, *v.shape), strides, t.storage_offset() + v.offset)
 
     def put(self, v: View, values: torch.Tensor) -> None:
         self.get(v).copy_(values.reshape(self.n, *v.shape))
