@@ -167,3 +167,22 @@ def test_what_cannot_be_quantized_is_one_line(tmp_path, capsys):
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert err.startswith(f"cnnpress: error: cannot quantize {src}: layer conv2")
     assert not out.exists()
+
+
+def test_quantize_fine_tunes_with_fake_quantized_activations(tmp_path, capsys):
+    """``--finetune-epochs 1``: the weights move (the file differs from the one calibrated
+    only), progress lines are printed, and the result is still the integer model."""
+    src = model_file(tmp_path)
+    plain, tuned = tmp_path / "plain.cnnp", tmp_path / "tuned.cnnp"
+    base = ("quantize", str(src), "--data", "synthetic", "--bits", "4", "--calibration", "64")
+    assert cli(capsys, *base, "--no-eval", "--out", str(plain))[0] == 0
+    code, _, err = cli(
+        capsys, *base, "--no-eval", "--finetune-epochs", "1", "--lr", "0.01", "--out", str(tuned)
+    )
+    assert code == 0, err
+    assert "fine-tuning step" in err
+    q = cnnpress.load(tuned)
+    assert isinstance(q, QuantizedModel) and q.cnnpress_activations["bits"] == 4
+    assert plain.read_bytes() != tuned.read_bytes()
+    code, _, err = cli(capsys, *base, "--finetune-epochs", "-1", "--out", str(tuned))
+    assert code == 2 and len(err.strip().splitlines()) == 1

@@ -169,6 +169,13 @@ def _quantize_command(sub: Any) -> None:
         help="training images to calibrate on (1000)",
     )
     p.add_argument("--out", required=True, help="the quantized .cnnp file to write")
+    p.add_argument(
+        "--finetune-epochs",
+        type=int,
+        default=0,
+        help="quantization-aware fine-tuning on the training split first (default 0: none)",
+    )
+    p.add_argument("--lr", type=float, default=0.002, help="fine-tuning learning rate")
     p.add_argument("--no-eval", action="store_true", help="skip the test accuracy before and after")
     p.add_argument("--threads", type=int)
     p.add_argument("--json", action="store_true")

@@ -26,6 +26,27 @@ __all__ = ["cmd_quantize"]
 BATCH = 256
 
 
+def _finetune(args: argparse.Namespace, name: str, err: Console) -> dict[str, Any]:
+    """The fine-tuning settings of ``--finetune-epochs`` (none when 0), printing a line every
+    50 steps."""
+    if args.finetune_epochs < 0:
+        raise CnnpressError(f"--finetune-epochs must be 0 or more, got {args.finetune_epochs}")
+    if not args.finetune_epochs:
+        return {}
+    full = load_dataset(name, "train", args.data_dir)
+
+    def progress(step: int, steps: int, loss: float) -> None:
+        if step % 50 == 0 or step == steps:
+            err.print(f"fine-tuning step {step}/{steps}: loss {loss:.4f}", **PLAIN)
+
+    return dict(
+        finetune=Loader(full, 128, train=True, seed=0),
+        epochs=args.finetune_epochs,
+        lr=args.lr,
+        progress=progress,
+    )
+
+
 def cmd_quantize(args: argparse.Namespace, console: Console, err: Console) -> dict:
     """``cnnpress quantize``: int8 or 4-bit activations, saved to ``--out``."""
     _set_threads(args.threads)
@@ -40,6 +61,7 @@ def cmd_quantize(args: argparse.Namespace, console: Console, err: Console) -> di
             bits=args.bits,
             observer=args.observer,
             limit=args.calibration,
+            **_finetune(args, name, err),
         )
     except CnnpressError as why:
         raise CnnpressError(f"cannot quantize {args.model_file}: {why}") from None

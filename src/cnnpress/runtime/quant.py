@@ -302,5 +302,5 @@ def finetune(
             schedule.step()
             step += 1
             if progress is not None:
-                progress(step, steps, float(loss))
+                progress(step, steps, float(loss.detach()))
     q.eval()
