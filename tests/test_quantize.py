@@ -163,6 +163,18 @@ def test_training_mode_fake_quantizes_with_a_straight_through_gradient():
     assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
 
 
+def test_the_integer_program_follows_the_weights_after_training():
+    q = quantized("lenet5", None, {"float_bits": 8})
+    x = torch.randn(4, *SHAPE)
+    before = logits(q, x)
+    q.train()
+    with torch.no_grad():
+        for p in q.float_model.parameters():
+            p.mul_(-1.0)
+    q.eval()
+    assert not np.array_equal(logits(q, x), before)
+
+
 def test_what_has_no_integer_kernel_is_one_line():
     class Shift(nn.Module):
         def __init__(self) -> None:

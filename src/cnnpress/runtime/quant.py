@@ -238,6 +238,12 @@ class QuantizedModel(nn.Module):
                 setattr(self, key, getattr(model, key))
         self.cnnpress_provenance = getattr(model, "cnnpress_provenance", None)
 
+    def train(self, mode: bool = True) -> QuantizedModel:
+        """Training mode (fake-quantized forward) or eval mode (the integer program); the
+        integer programs are planned again after any training, from the weights then."""
+        self._programs.clear()
+        return super().train(mode)
+
     def program(self, input_shape: tuple[int, ...]) -> CProgram:
         """The integer program for inputs of ``input_shape`` (C, H, W), planned once."""
         if input_shape not in self._programs:
