@@ -59,14 +59,33 @@ static inline int32_t cnnp_q_clamp(int32_t v, int32_t lo, int32_t hi)
     return v < lo ? lo : (v > hi ? hi : v);
 }
 
+/* One channel's requantization, decoded from its three qdata values (m, bias,
+ * shift + 256 * offset) once for all the channel's outputs. */
+typedef struct { int32_t m, bias, shift, offset; } cnnp_q_channel;
+
+static inline cnnp_q_channel cnnp_q_decode(const int32_t *rq, int ch)
+{
+    const int32_t *r = rq + 3 * ch;
+    cnnp_q_channel c;
+    c.m = r[0];
+    c.bias = r[1];
+    c.shift = r[2] & 255;
+    if (c.shift > 127) c.shift -= 256;
+    c.offset = (r[2] - c.shift) / 256;
+    return c;
+}
+
+/* A decoded channel's requantization of an int32 sum, before the zero point and clamp. */
+static inline int32_t cnnp_q_apply(const cnnp_q_channel *c, int32_t acc)
+{
+    return c->offset + cnnp_q_mul(acc + c->bias, c->m, c->shift);
+}
+
 /* Channel ch's requantization of an int32 sum, before the output zero point and clamp. */
 static inline int32_t cnnp_q_requant(const int32_t *rq, int ch, int32_t acc)
 {
-    const int32_t *r = rq + 3 * ch;
-    int32_t shift = r[2] & 255, offset;
-    if (shift > 127) shift -= 256;
-    offset = (r[2] - shift) / 256;
-    return offset + cnnp_q_mul(acc + r[1], r[0], shift);
+    cnnp_q_channel c = cnnp_q_decode(rq, ch);
+    return cnnp_q_apply(&c, acc);
 }
 
 /* TFLite ADD of a (zero q->zi or za) and b (zero q->zb) onto the output. */

@@ -88,9 +88,9 @@ static void cnnp_q_store(const cnnp_qctx *ctx, const cnnp_conv_t *p, const cnnp_
                          const int32_t *acc, int8_t *out)
 {
     int32_t plane = (int32_t)p->oh * p->ow, i, v;
-    const int32_t *rq = ctx->qdata + q->rq;
+    cnnp_q_channel c = cnnp_q_decode(ctx->qdata + q->rq, oc);
     for (i = 0; i < plane; i++) {
-        v = cnnp_q_requant(rq, oc, acc[i]);
+        v = cnnp_q_apply(&c, acc[i]);
         if (p->res)
             out[i] = (int8_t)cnnp_q_add(q, q->zp, cnnp_q_clamp(q->zp + v, q->qmin, q->qmax),
                                         out[i]);

@@ -11,12 +11,13 @@ void cnnp_q_epilogue(const cnnp_qctx *ctx, const cnnp_epi_t *p, const cnnp_q_t *
     int8_t *y = cnnp_q_at(ctx, p->y);
     const int32_t *rq = ctx->qdata + q->rq;
     int32_t ch, i;
-    for (ch = 0; ch < p->c; ch++)
+    for (ch = 0; ch < p->c; ch++) {
+        cnnp_q_channel c = cnnp_q_decode(rq, ch);
         for (i = 0; i < p->plane; i++) {
             int32_t at = ch * p->plane + i;
-            y[at] = (int8_t)cnnp_q_clamp(q->zo + cnnp_q_requant(rq, ch, x[at] - q->zi), q->lo,
-                                         q->hi);
+            y[at] = (int8_t)cnnp_q_clamp(q->zo + cnnp_q_apply(&c, x[at] - q->zi), q->lo, q->hi);
         }
+    }
 }
 
 static int8_t cnnp_q_op(int op, const cnnp_q_t *q, int32_t a, int32_t b)

@@ -103,8 +103,9 @@ static void cnnp_q_slbf_store(const cnnp_qctx *ctx, const cnnp_conv_t *p, const 
     for (i = 0; i < p->n; i++) {
         int8_t *out = y + (int32_t)i * plane + at;
         const int32_t *a = acc + i * CNNP_TILE;
+        cnnp_q_channel c = cnnp_q_decode(rq, i);
         for (e = 0; e < count; e++) {
-            v = cnnp_q_requant(rq, i, a[e]);
+            v = cnnp_q_apply(&c, a[e]);
             if (p->res)
                 out[e] = (int8_t)cnnp_q_add(q, q->zp, cnnp_q_clamp(q->zp + v, q->qmin, q->qmax),
                                             out[e]);
