@@ -186,3 +186,25 @@ def test_quantize_fine_tunes_with_fake_quantized_activations(tmp_path, capsys):
     assert plain.read_bytes() != tuned.read_bytes()
     code, _, err = cli(capsys, *base, "--finetune-epochs", "-1", "--out", str(tuned))
     assert code == 2 and len(err.strip().splitlines()) == 1
+
+
+def test_compress_saves_the_run_with_integer_activations(tmp_path, capsys):
+    """``compress --activation-bits 8 --qat-epochs 1``: the run's file is the integer model,
+    its record holds the file's own (integer) accuracy, and bad settings are one line."""
+    out = tmp_path / "run"
+    base = ["compress", "--method", "bwn", "--model", "lenet5", "--data", "synthetic"]
+    code, stdout, err = cli(
+        capsys, *base, "--epochs", "1", "--threads", "1", "--activation-bits", "8",
+        "--qat-epochs", "1", "--out", str(out), "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    record = json.loads(stdout)
+    q = cnnpress.load(out / "model.cnnp")
+    assert isinstance(q, QuantizedModel) and q.cnnpress_activations["bits"] == 8
+    assert record["activations"] == {"bits": 8, "observer": "mse", "finetune_epochs": 1}
+    assert record["int_test_accuracy"] == pytest.approx(accuracy(q))
+    assert "quantization-aware fine-tuning" in err
+    code, _, err = cli(capsys, *base, "--activation-bits", "6", "--out", str(tmp_path / "b"))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    code, _, err = cli(capsys, *base, "--qat-epochs", "-1", "--out", str(tmp_path / "c"))
+    assert code == 2 and "finetune_epochs" in err

@@ -9,6 +9,7 @@ import pytest
 import yaml
 from matplotlib.figure import Figure
 
+import cnnpress
 from cnnpress.cli.main import main
 from cnnpress.compare import _plot_curves, load_recipe, pareto_front, run_comparison, table
 from cnnpress.errors import ConfigError
@@ -33,6 +34,7 @@ RECIPE = {
         },
         {"name": "bwn", "method": "bwn", "init": "fp32", "distill": {"teacher": "fp32"}},
         {"name": "thin", "model_args": {"width": 2}},
+        {"name": "bwn-int8", "method": "bwn", "init": "fp32", "activations": {"bits": 8}},
     ],
 }
 
@@ -59,7 +61,7 @@ def test_report_holds_one_record_per_run_measured_from_its_file(compared):
     tmp, _, report = compared
     result = json.loads((report / "results.json").read_text())
     runs = {r["run"]: r for r in result["runs"]}
-    assert list(runs) == ["fp32", "slbf", "bwn", "thin"]
+    assert list(runs) == ["fp32", "slbf", "bwn", "thin", "bwn-int8"]
     for name, r in runs.items():
         info = read_info(tmp / "runs" / name / "model.cnnp")
         assert r["file_bytes"] == info["file_bytes"]
@@ -81,8 +83,12 @@ def test_report_holds_one_record_per_run_measured_from_its_file(compared):
     assert learned["epoch"] == 0 and len(learned["layers"]) == 18
     assert learned["bits_flipped"] == sum(v["bits_flipped"] for v in learned["layers"].values())
     assert runs["bwn"]["learning"] == []
+    # a run with integer activations is measured as its file runs: the integer program
+    assert runs["bwn-int8"]["activations"] == "int8" and runs["bwn"]["activations"] == "float32"
+    q = cnnpress.load(tmp / "runs" / "bwn-int8" / "model.cnnp")
+    assert q.cnnpress_activations["bits"] == 8
     md = (report / "results.md").read_text()
-    assert "Two epochs on synthetic data." in md and md.count("\n| ") == 5
+    assert "Two epochs on synthetic data." in md and md.count("\n| ") == 6
     assert (report / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -93,7 +99,7 @@ def test_finished_runs_are_not_trained_again(compared):
         raise AssertionError(f"trained {cfg['out']} again")
 
     result = run_comparison(recipe, train_run, measure=lambda done: [d[0] for d in done])
-    assert result["runs"] == ["fp32", "slbf", "bwn", "thin"]
+    assert result["runs"] == ["fp32", "slbf", "bwn", "thin", "bwn-int8"]
 
 
 def test_changed_settings_of_a_finished_run_are_refused(compared, tmp_path):

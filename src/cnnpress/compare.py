@@ -20,10 +20,11 @@ from typing import Any
 import torch
 import yaml
 
+from cnnpress.api import load
 from cnnpress.cost import summary
 from cnnpress.data import DatasetSpec, Loader, load_dataset
 from cnnpress.errors import ConfigError
-from cnnpress.format import load, read_info
+from cnnpress.format import read_info
 from cnnpress.pretrained import resolve
 from cnnpress.train.loop import evaluate
 
@@ -49,6 +50,7 @@ _RUN_KEYS = {
     "train",
     "data_options",
     "file",
+    "activations",
 }
 
 
@@ -92,6 +94,11 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
         for key in ("method", "method_config", "init", "file"):
             if run.get(key) is not None:
                 cfg[key] = run[key]
+        acts = {**(recipe.get("activations") or {}), **(run.get("activations") or {})}
+        if acts and not run.get("file"):  # every trained model saved with these activations
+            if acts.get("bits") not in (8, 4) or isinstance(acts.get("bits"), bool):
+                raise ConfigError(f"{path}: activations bits must be 8 or 4, got {acts!r:.60}")
+            cfg["activations"] = {"bits": 8, "observer": "mse", "finetune_epochs": 0, **acts}
         where[run["name"]] = str(run.get("file") or cfg["out"])
         if cfg.get("method"):  # every compressed model saved the same way (`save:`)
             cfg["method_config"] = {
@@ -152,10 +159,11 @@ def table(records: list[dict[str, Any]]) -> str:
     """The markdown table of the comparison."""
     base = next((r for r in records if r.get("method") == "fp32"), None)
     lines = [
-        "| run | method | settings | start | epochs | test acc. | train acc. | vs fp32 | "
+        "| run | method | settings | start | epochs | activations | test acc. | train acc. | "
+        "vs fp32 | "
         "file bytes | ratio (file) | MACs | binary MACs | latency b=1 | latency b=64 | "
         "speed-up b=64 | bits flipped | selections changed |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         delta = r["accuracy"] - base["accuracy"] if base else 0.0
@@ -183,7 +191,8 @@ def table(records: list[dict[str, Any]]) -> str:
         )
         lines.append(
             f"| {r['run']} | {r['method']} | `{settings}` | {r.get('start', '')} | "
-            f"{r.get('epochs')} | {r['accuracy']:.2f}% | {train_acc} | {delta:+.2f} | "
+            f"{r.get('epochs')} | {r.get('activations', 'float32')} | {r['accuracy']:.2f}% | "
+            f"{train_acc} | {delta:+.2f} | "
             f"{r['file_bytes']:,} | {r['ratio']:.1f}x | {r['macs'] / 1e6:.1f}M | "
             f"{r['binary_macs'] / 1e6:.1f}M | {1e3 * r['latency_b1']:.2f} ms | "
             f"{1e3 * r['latency_b64']:.1f} ms | {speed} | {flips} | {changes} |"
@@ -284,6 +293,12 @@ def _learning(metrics: Path) -> list[dict[str, Any]]:
     ]
 
 
+def _width(model: torch.nn.Module) -> str:
+    """``int8`` or ``int4`` for a model with integer activations, else ``float32``."""
+    acts = getattr(model, "cnnpress_activations", None)
+    return f"int{acts['bits']}" if acts else "float32"
+
+
 def measure_runs(
     done: list[tuple[str, dict[str, Any], dict[str, Any]]], repeats: int = 15
 ) -> list[dict[str, Any]]:
@@ -320,6 +335,7 @@ def measure_runs(
                 "train_curve": _train_curve(Path(cfg["out"]) / "metrics.jsonl"),
                 "learning": _learning(Path(cfg["out"]) / "metrics.jsonl"),
                 "file": cfg.get("file"),
+                "activations": _width(model),
                 "accuracy": accuracy,
                 "epochs": result.get("epochs"),
                 "train_seconds": result.get("train_seconds"),

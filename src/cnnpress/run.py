@@ -2,9 +2,11 @@
 
 A run's settings are one dict (a recipe resolved against the command line: ``model``,
 ``model_args``, ``data``, ``data_dir``, ``data_options``, ``train``, ``method``,
-``method_config``, ``init``, ``distill``, ``out``). :func:`train_run` builds the model,
-compresses it, trains it in ``out`` (resumable per epoch, :mod:`cnnpress.train.loop`), saves
-``model.cnnp`` and writes ``result.json``; the CLI only parses for it and prints its record.
+``method_config``, ``init``, ``distill``, ``out``, ``activations``). :func:`train_run` builds
+the model, compresses it, trains it in ``out`` (resumable per epoch,
+:mod:`cnnpress.train.loop`), gives it integer activations where ``activations`` asks
+(:func:`cnnpress.quantize`), saves ``model.cnnp`` and writes ``result.json``; the CLI only
+parses for it and prints its record.
 """
 
 from __future__ import annotations
@@ -21,12 +23,12 @@ from rich.console import Console
 from torch import nn
 
 from cnnpress import models
-from cnnpress.api import compress, load_model
+from cnnpress.api import compress, load_model, quantize, save
 from cnnpress.atomic import atomic_write_text
 from cnnpress.cost import summary
 from cnnpress.data import DatasetSpec, Loader, load_dataset
 from cnnpress.errors import CnnpressError, ConfigError
-from cnnpress.format import read_info, save
+from cnnpress.format import read_info
 from cnnpress.methods import get as get_method
 from cnnpress.methods.distill import make_kd_loss
 from cnnpress.methods.slbf import describe
@@ -175,6 +177,34 @@ def _kd_loss(cfg: dict[str, Any], ctx: DistContext) -> Any:
     return make_kd_loss(teacher.to(ctx.device), kd["temperature"], kd["alpha"])
 
 
+def _integer(
+    cfg: dict[str, Any], model: nn.Module, train_loader: Loader, ctx: DistContext, err: Console
+) -> nn.Module:
+    """The trained model with integer activations where the run asks for them
+    (``activations``: calibrated on 1,000 training images, after ``finetune_epochs`` of
+    quantization-aware fine-tuning), else the model itself."""
+    acts = cfg.get("activations")
+    if not acts:
+        return model
+    if ctx.world_size > 1:
+        raise ConfigError("integer activations (activations:) are made in one process")
+    epochs = int(acts.get("finetune_epochs") or 0)
+
+    def progress(step: int, steps: int, loss: float) -> None:
+        if step % 100 == 0 or step == steps:
+            err.print(f"quantization-aware fine-tuning: step {step}/{steps}, loss {loss:.4f}")
+
+    return quantize(
+        model,
+        Loader(train_loader.dataset, 256, train=False),
+        bits=acts["bits"],
+        observer=acts.get("observer", "mse"),
+        finetune=train_loader if epochs else None,
+        epochs=epochs,
+        progress=progress,
+    )
+
+
 def _save_model(
     model: nn.Module, run_dir: Path, meta: dict, result: dict, ctx: DistContext
 ) -> None:
@@ -236,10 +266,14 @@ def train_run(
         dist=ctx,
         eval_at_start=bool(cfg.get("init")),
     )
+    model = _integer(cfg, model, train_loader, ctx, err)
     _save_model(model, run_dir, meta, result, ctx)
     if not ctx.is_main:
         return None
     record = _record(cfg, model, spec, result, prov, ctx)
+    if cfg.get("activations"):  # the file's own accuracy: its integer program's
+        record["activations"] = cfg["activations"]
+        record["int_test_accuracy"] = evaluate(model, test_loader)["accuracy"]
     wall = time.perf_counter() - start
     record.update(budget=budget, before=before, wall_seconds_this_process=wall)
     atomic_write_text(run_dir / "result.json", json.dumps(record, indent=2) + "\n")

@@ -81,8 +81,12 @@ def _read_recipe(path: str) -> dict[str, Any]:
 #: The type of each recipe key's value (``null`` is allowed for each: unset).
 _RECIPE_TYPES: dict[str, type] = {
     **dict.fromkeys(("model", "data", "data_dir", "out", "init", "method"), str),
-    **dict.fromkeys(("model_args", "data_options", "train", "method_config", "distill"), dict),
+    **dict.fromkeys(
+        ("model_args", "data_options", "train", "method_config", "distill", "activations"), dict
+    ),
 }
+#: The settings of ``activations:`` (the run's model saved with integer activations).
+_ACTIVATION_KEYS = ("bits", "observer", "finetune_epochs")
 _DISTILL_TYPES: dict[str, Any] = {"teacher": str, "temperature": float, "alpha": float}
 
 
@@ -135,6 +139,7 @@ def resolve_config(args: argparse.Namespace, with_method: bool) -> dict[str, Any
         "distill",
         "init",
         "out",
+        "activations",
     }
     unknown = sorted(str(key) for key in cfg if key not in known)
     if unknown:
@@ -193,7 +198,34 @@ def resolve_config(args: argparse.Namespace, with_method: bool) -> dict[str, Any
         if not cfg.get(key):
             raise ConfigError(f"choose a {key} with --{key} (or `{key}:` in the recipe)")
     cfg.setdefault("out", f"runs/{cfg['model']}-{cfg.get('method', 'fp32')}")
+    _activation_settings(cfg, args)
     return cfg
+
+
+def _activation_settings(cfg: dict[str, Any], args: argparse.Namespace) -> None:
+    """``activations:`` with ``--activation-bits`` and ``--qat-epochs`` over it, checked and
+    completed (``observer`` mse, no fine-tuning), or removed when neither asks for it."""
+    acts = dict(cfg.get("activations") or {})
+    if getattr(args, "activation_bits", None) is not None:
+        acts["bits"] = args.activation_bits
+    if getattr(args, "qat_epochs", None) is not None:
+        acts["finetune_epochs"] = args.qat_epochs
+    if not acts:
+        cfg.pop("activations", None)
+        return
+    unknown = sorted(str(k) for k in acts if k not in _ACTIVATION_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"unknown activations setting(s) {', '.join(unknown)}; valid: "
+            f"{', '.join(_ACTIVATION_KEYS)}"
+        )
+    acts = {"bits": 8, "observer": "mse", "finetune_epochs": 0, **acts}
+    if isinstance(acts["bits"], bool) or acts["bits"] not in (8, 4):
+        raise ConfigError(f"activations bits must be 8 or 4, got {acts['bits']!r}")
+    epochs = acts["finetune_epochs"]
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+        raise ConfigError(f"activations finetune_epochs must be 0 or more, got {epochs!r}")
+    cfg["activations"] = acts
 
 
 def _set_threads(threads: int | None) -> None:

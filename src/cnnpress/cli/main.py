@@ -41,6 +41,18 @@ def _train_options(p: argparse.ArgumentParser) -> None:
         help="L1 penalty on BatchNorm scales (network slimming's sparsity training)",
     )
     p.add_argument("--seed", type=int)
+    p.add_argument(
+        "--activation-bits",
+        type=int,
+        choices=(8, 4),
+        help="save the trained model with integer activations (calibrated on 1,000 training "
+        "images): the C program's arithmetic",
+    )
+    p.add_argument(
+        "--qat-epochs",
+        type=int,
+        help="with --activation-bits: epochs of quantization-aware fine-tuning first (0)",
+    )
     p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--json", action="store_true", help="print the result as JSON")

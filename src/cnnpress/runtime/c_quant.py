@@ -63,8 +63,9 @@ BIAS_LIMIT = 2**24
 
 @dataclasses.dataclass
 class IntegerProgram:
-    """What :func:`lower_integer` adds to a plan: bits, the requantization array, the logits'
-    quantization and each conv's integer weights (for PyTorch's forward)."""
+    """What :func:`lower_integer` adds to a plan: the activations' width, the requantization
+    table (``qdata``) and each conv's integer weights by ``id`` of its operation (for PyTorch's
+    forward; the C program reads them from the file's arrays)."""
 
     bits: int
     qdata: list[int]
