@@ -96,9 +96,20 @@ static inline int32_t cnnp_q_add(const cnnp_q_t *q, int32_t za, int32_t a, int32
     return cnnp_q_clamp(q->zo + cnnp_q_mul(u + v, q->mo, q->so), q->lo, q->hi);
 }
 
-int8_t *cnnp_q_at(const cnnp_qctx *ctx, cnnp_ref r);
+/* The int8 tensor at r in the arena. */
+static inline int8_t *cnnp_q_at(const cnnp_qctx *ctx, cnnp_ref r)
+{
+    return ctx->arena + CNNP_REF_OFF(r);
+}
+
 /* The output positions o in [lo, hi] whose input index o*s - pad + kd lies in [0, n). */
-void cnnp_q_range(int n, int out, int s, int pad, int kd, int *lo, int *hi);
+static inline void cnnp_q_range(int n, int out, int s, int pad, int kd, int *lo, int *hi)
+{
+    int first = pad - kd, last = n - 1 + pad - kd;
+    *lo = first <= 0 ? 0 : (first + s - 1) / s;
+    *hi = last < 0 ? -1 : last / s;
+    if (*hi > out - 1) *hi = out - 1;
+}
 
 void cnnp_q_conv(const cnnp_qctx *ctx, const cnnp_conv_t *p, const cnnp_q_t *q);
 void cnnp_q_conv_slbf(const cnnp_qctx *ctx, const cnnp_conv_t *p, const cnnp_q_t *q);

@@ -5,19 +5,6 @@
 
 #include "cnnpress_q.h"
 
-int8_t *cnnp_q_at(const cnnp_qctx *ctx, cnnp_ref r)
-{
-    return ctx->arena + CNNP_REF_OFF(r);
-}
-
-void cnnp_q_range(int n, int out, int s, int pad, int kd, int *lo, int *hi)
-{
-    int first = pad - kd, last = n - 1 + pad - kd;
-    *lo = first <= 0 ? 0 : (first + s - 1) / s;
-    *hi = last < 0 ? -1 : last / s;
-    if (*hi > out - 1) *hi = out - 1;
-}
-
 /* acc += v * (x - zi) over the output positions that kernel tap (ky, kx) reaches; padding
  * adds nothing (its centred value is 0). */
 static void cnnp_q_axpy(const cnnp_conv_t *p, const int8_t *xc, int32_t zi, int32_t *acc,
