@@ -31,7 +31,16 @@ from torch import fx, nn
 
 from cnnpress.errors import ConfigError
 
-__all__ = ["FUNCTIONS", "GRAPH_VERSION", "LEAVES", "METHODS", "GraphNet", "build", "trace"]
+__all__ = [
+    "FUNCTIONS",
+    "GRAPH_VERSION",
+    "LEAVES",
+    "METHODS",
+    "GraphNet",
+    "build",
+    "run_nodes",
+    "trace",
+]
 
 GRAPH_VERSION = 1
 
@@ -268,23 +277,32 @@ class GraphNet(nn.Module):
         _check_nodes(self, self.nodes)
 
     def forward(self, *inputs: torch.Tensor) -> Any:
-        env: dict[str, Any] = {}
-        given = iter(inputs)
-        for name, op, target, args, kwargs in self.nodes:
-            if op == "input":
-                env[name] = next(given)
-                continue
+        return run_nodes(self, self.nodes, inputs)
+
+
+def run_nodes(model: nn.Module, nodes: list[list[Any]], inputs: Any, visit: Any = None) -> Any:
+    """Run a graph's ``nodes`` over ``model``'s modules on ``inputs``; ``visit(name, value)``,
+    where given, is called on (and returns) every tensor a node makes."""
+    env: dict[str, Any] = {}
+    given = iter(inputs)
+    for name, op, target, args, kwargs in nodes:
+        if op == "input":
+            value = next(given)
+        else:
             a = [_decode(v, env) for v in args]
             k = {key: _decode(v, env) for key, v in kwargs.items()}
             if op == "output":
                 return a[0]
             if op == "module":
-                env[name] = self.get_submodule(target)(*a, **k)
+                value = model.get_submodule(target)(*a, **k)
             elif op == "function":
-                env[name] = FUNCTIONS[target](*a, **k)
+                value = FUNCTIONS[target](*a, **k)
             else:
-                env[name] = getattr(a[0], target)(*a[1:], **k)
-        raise ConfigError("the graph has no output")
+                value = getattr(a[0], target)(*a[1:], **k)
+        if visit is not None and isinstance(value, torch.Tensor):
+            value = visit(name, value)
+        env[name] = value
+    raise ConfigError("the graph has no output")
 
 
 def build(graph: Any) -> GraphNet:

@@ -30,7 +30,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from cnnpress.errors import CnnpressError
 from cnnpress.fixedpoint import choose_qparams, qrange
 from cnnpress.methods import kd_loss
-from cnnpress.models.graph import FUNCTIONS, _decode
+from cnnpress.models.graph import run_nodes
 from cnnpress.runtime.c_export import CProgram, graph_of
 from cnnpress.runtime.c_plan import MOVES_F, MOVES_M
 from cnnpress.runtime.c_quant import run_integer
@@ -68,23 +68,7 @@ PASS_MODULES = (
 def run_graph(model: nn.Module, graph: dict[str, Any], x: torch.Tensor, visit: Any) -> Any:
     """The model's forward, node by node over its graph, with ``visit(name, value)`` called
     on (and returning) every tensor a node makes."""
-    env: dict[str, Any] = {}
-    for name, op, target, args, kwargs in graph["nodes"]:
-        if op == "input":
-            env[name] = visit(name, x)
-            continue
-        a = [_decode(v, env) for v in args]
-        k = {key: _decode(v, env) for key, v in kwargs.items()}
-        if op == "output":
-            return a[0]
-        if op == "module":
-            value = model.get_submodule(target)(*a, **k)
-        elif op == "function":
-            value = FUNCTIONS[target](*a, **k)
-        else:
-            value = getattr(a[0], target)(*a[1:], **k)
-        env[name] = visit(name, value) if isinstance(value, torch.Tensor) else value
-    raise CnnpressError("the graph has no output")
+    return run_nodes(model, graph["nodes"], (x,), visit)
 
 
 def _passes(model: nn.Module, node: list[Any]) -> bool:
