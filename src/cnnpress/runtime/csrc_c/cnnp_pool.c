@@ -3,7 +3,7 @@
 
 #include <math.h>
 
-static void cnnp_window(const cnnp_pool_t *p, int o, int vertical, int *lo, int *hi, int *size)
+void cnnp_pool_window(const cnnp_pool_t *p, int o, int vertical, int *lo, int *hi, int *size)
 {
     int n = vertical ? p->h : p->w, out = vertical ? p->oh : p->ow;
     int k = vertical ? p->kh : p->kw, s = vertical ? p->sh : p->sw;
@@ -37,10 +37,10 @@ void cnnp_pool(const cnnp_ctx *ctx, const cnnp_pool_t *p)
     for (c = 0; c < p->c; c++) {
         const float *xc = x + (int32_t)c * p->h * p->w;
         for (oh = 0; oh < p->oh; oh++) {
-            cnnp_window(p, oh, 1, &h0, &h1, &hs);
+            cnnp_pool_window(p, oh, 1, &h0, &h1, &hs);
             for (ow = 0; ow < p->ow; ow++) {
                 float acc = max ? -INFINITY : 0.0f;
-                cnnp_window(p, ow, 0, &w0, &w1, &ws);
+                cnnp_pool_window(p, ow, 0, &w0, &w1, &ws);
                 for (ih = h0; ih < h1; ih += step_h)
                     for (iw = w0; iw < w1; iw += step_w) {
                         float v = xc[(int32_t)ih * p->w + iw];

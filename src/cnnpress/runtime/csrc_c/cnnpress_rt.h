@@ -128,5 +128,8 @@ void cnnp_ewise(const cnnp_ctx *ctx, const cnnp_ewise_t *p);
 void cnnp_copy(const cnnp_ctx *ctx, const cnnp_copy_t *p);
 void cnnp_fill(const cnnp_ctx *ctx, const cnnp_fill_t *p);
 void cnnp_pool(const cnnp_ctx *ctx, const cnnp_pool_t *p);
+/* Output o's input window [lo, hi) along one axis (vertical: rows) and its size with
+ * padding (average pooling), as PyTorch places it; shared by the float and int8 kernels. */
+void cnnp_pool_window(const cnnp_pool_t *p, int o, int vertical, int *lo, int *hi, int *size);
 
 #endif

@@ -112,32 +112,6 @@ void cnnp_q_fill(const cnnp_qctx *ctx, const cnnp_fill_t *p, const cnnp_q_t *q)
     for (i = 0; i < p->n; i++) y[i] = (int8_t)q->zo;
 }
 
-/* Output o's input window [lo, hi) along one axis, its size with padding, as the float
- * kernel's cnnp_window. */
-static void cnnp_q_window(const cnnp_pool_t *p, int o, int vertical, int *lo, int *hi, int *size)
-{
-    int n = vertical ? p->h : p->w, out = vertical ? p->oh : p->ow;
-    int k = vertical ? p->kh : p->kw, s = vertical ? p->sh : p->sw;
-    int pad = vertical ? p->ph : p->pw, d = vertical ? p->dh : p->dw;
-    if (p->kind == CNNP_ADAPTIVE_AVG || p->kind == CNNP_ADAPTIVE_MAX) {
-        *lo = (int)(((int32_t)o * n) / out);
-        *hi = (int)((((int32_t)o + 1) * n + out - 1) / out);
-        *size = *hi - *lo;
-        return;
-    }
-    *lo = o * s - pad;
-    if (p->kind == CNNP_AVGPOOL) {
-        *hi = *lo + k < n + pad ? *lo + k : n + pad;
-        *size = *hi - *lo;
-        if (*lo < 0) *lo = 0;
-        if (*hi > n) *hi = n;
-        return;
-    }
-    *hi = *lo + (k - 1) * d + 1 < n ? *lo + (k - 1) * d + 1 : n;
-    while (*lo < 0) *lo += d;
-    *size = 0;
-}
-
 /* Max, or the mean rounded half away from zero, of one window of centred values. */
 static int32_t cnnp_q_reduce(const cnnp_pool_t *p, const int8_t *xc, int32_t zi, int h0, int h1,
                              int w0, int w1, int32_t count)
@@ -163,10 +137,10 @@ void cnnp_q_pool(const cnnp_qctx *ctx, const cnnp_pool_t *p, const cnnp_q_t *q)
     for (c = 0; c < p->c; c++) {
         const int8_t *xc = x + (int32_t)c * p->h * p->w;
         for (oh = 0; oh < p->oh; oh++) {
-            cnnp_q_window(p, oh, 1, &h0, &h1, &hs);
+            cnnp_pool_window(p, oh, 1, &h0, &h1, &hs);
             for (ow = 0; ow < p->ow; ow++) {
                 int32_t count;
-                cnnp_q_window(p, ow, 0, &w0, &w1, &ws);
+                cnnp_pool_window(p, ow, 0, &w0, &w1, &ws);
                 count = p->kind == CNNP_AVGPOOL && p->count_include_pad ? hs * ws
                                                                         : (h1 - h0) * (w1 - w0);
                 y[((int32_t)c * p->oh + oh) * p->ow + ow] =
