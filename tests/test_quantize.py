@@ -18,8 +18,8 @@ import cnnpress
 from cnnpress.data import get_spec, load_dataset, normalize
 from cnnpress.errors import CnnpressError
 from cnnpress.runtime import c_memory
-from cnnpress.runtime.c_export import graph_of
-from cnnpress.runtime.c_plan import ExportError
+from cnnpress.runtime.c_export import CProgram, graph_of
+from cnnpress.runtime.c_plan import ARENA, ExportError
 from cnnpress.runtime.quant import QuantizedModel, calibrate, fake_quantize
 from test_c_export import CASES, FMNIST_DIR, build, needs_cc, registry_model, run
 
@@ -114,12 +114,23 @@ def test_the_file_records_the_activations_and_loads_the_same_integer_model(tmp_p
     assert np.array_equal(logits(back, x), logits(q, x))
 
 
+def map_bytes(program: CProgram) -> int:
+    """The most bytes of activation maps alive at once in ``program``'s arena (its kernels'
+    scratch left out)."""
+    scratch = {op.scratch_sid for op in program.plan.ops}
+    maps = [s for i, s in enumerate(program.plan.storages) if i not in scratch and s.base == ARENA]
+    steps = {op.step for op in program.plan.ops}
+    alive = max(sum(s.size for s in maps if s.first <= t <= s.last) for t in steps)
+    return alive * program.value_bytes
+
+
 def test_int8_activations_take_a_quarter_of_the_float_arena():
     model, _ = registry_model("resnet20", "slbf", {"slice_channels": 4, "num_filters": 8})
     q = cnnpress.quantize(model, torch.randn(16, *SHAPE))
     floats, ints = c_memory(q.float_model, SHAPE), c_memory(q, SHAPE)
     assert floats["activations"] == "float32" and ints["activations"] == "int8"
-    assert ints["arena_bytes"] * 4 == floats["arena_bytes"]
+    assert map_bytes(CProgram(q, SHAPE)) * 4 == map_bytes(CProgram(q.float_model, SHAPE))
+    assert ints["arena_bytes"] < floats["arena_bytes"] / 3  # maps and scratch
     assert ints["requant_bytes"] > 0
     assert ints["const_bytes"] < floats["const_bytes"]  # batch norms live in the requantization
 

@@ -214,11 +214,14 @@ class Summary:
         d = self.device or {}
         if "error" in d:
             return f"C program (export --c): none ({d['error']})"
+        requant = d.get("requant_bytes", 0)
+        table = f" + requantization {requant:,}" if requant else ""
         return (
-            f"C program (export --c): flash {d['flash_bytes']:,} bytes = weights "
-            f"{d['const_bytes']:,} + {d['ops']} operation descriptors {d['descriptor_bytes']:,} "
-            f"(+ code); RAM {d['ram_bytes']:,} bytes = arena {d['arena_bytes']:,} + scratch "
-            f"{d['scratch_bytes']:,}"
+            f"C program (export --c, {d.get('activations', 'float32')} activations): flash "
+            f"{d['flash_bytes']:,} bytes = weights {d['const_bytes']:,} + {d['ops']} operation "
+            f"descriptors {d['descriptor_bytes']:,}{table} (+ code); RAM {d['ram_bytes']:,} "
+            f"bytes: one arena of activation maps and kernel scratch (at most "
+            f"{d['scratch_bytes']:,} for one operation)"
         )
 
     def __str__(self) -> str:

@@ -164,8 +164,8 @@ def _export_c(args: argparse.Namespace, console: Console, model: Any, meta: dict
         beside = f"; the .cnnp holds {result['cnnp_bytes']:,}" if cnnp else ""
         console.print(
             f"wrote {args.c_dir}: {info['const_bytes']:,} bytes of weights{beside}; RAM "
-            f"{info['ram_bytes']:,} bytes (arena {info['arena_bytes']:,}, scratch "
-            f"{info['scratch_bytes']:,}); build: cc -std=c99 -O2 *.c -lm",
+            f"{info['ram_bytes']:,} bytes (one arena: maps and, at most "
+            f"{info['scratch_bytes']:,}, scratch); build: cc -std=c99 -O2 *.c -lm",
             **PLAIN,
         )
     return result

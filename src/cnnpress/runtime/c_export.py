@@ -41,7 +41,17 @@ from cnnpress.models import from_arch
 from cnnpress.models.graph import trace
 from cnnpress.runtime.c_interface import BASE, STRUCTS, WEIGHT
 from cnnpress.runtime.c_lower import Lowerer, no_epi
-from cnnpress.runtime.c_plan import ARENA, INPUT, LOGITS, Op, Plan, View, live_floats, place
+from cnnpress.runtime.c_plan import (
+    ARENA,
+    INPUT,
+    LOGITS,
+    Op,
+    Plan,
+    Storage,
+    View,
+    live_floats,
+    place,
+)
 from cnnpress.runtime.c_quant import IntegerProgram, lower_integer
 
 __all__ = ["RUNTIME_FILES", "CProgram", "c_memory", "export_c"]
@@ -189,6 +199,8 @@ class CProgram:
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise CnnpressError(f"input_shape {shape} does not fit the model: {first}") from err
         self.integer = None if not activations else self._lower_integer(work, activations)
+        self.value_bytes = 1 if self.integer else 4  # bytes of one activation
+        self._scratch_storages()
         self.arena = place(self.plan.storages)
         self.scratch = max([op.scratch for op in self.plan.ops] + [0])
         used = {k for op in self.plan.ops for k in _keys(op)}
@@ -217,28 +229,41 @@ class CProgram:
                     op.scratch += 0 if f.get("res") else plane
         return program
 
+    def _scratch_storages(self) -> None:
+        """Each operation's scratch as an arena storage that lives only while it runs, so the
+        liveness plan lays it over maps that are dead then (as TFLite Micro plans kernel
+        scratch in its arena): word-aligned, in the arena's values."""
+        words = 4 // self.value_bytes  # arena values in one 32-bit word
+        for op in self.plan.ops:
+            if op.scratch:
+                op.scratch_sid = len(self.plan.storages)
+                self.plan.storages.append(
+                    Storage(words * op.scratch, op.step, op.step, ARENA, align=words)
+                )
+
     # -- figures ------------------------------------------------------------------------------
     def memory(self) -> dict[str, Any]:
         """Flash: the const bytes of the weights and of the operations' descriptors, per
         layer and in total (the code of ``cnnp_predict``, a call per operation, and of the
-        kernels comes on top); RAM: the arena and the scratch, and per layer the activations
-        alive in the arena while it runs plus its scratch (``live_bytes``)."""
+        kernels comes on top); RAM: the arena, which holds the activation maps and the
+        kernels' scratch (``scratch_bytes``: the most one operation uses), and per layer the
+        arena bytes alive while it runs, its scratch included (``live_bytes``)."""
         layers: dict[str, dict[str, int]] = {}
         blank = {"const_bytes": 0, "descriptor_bytes": 0, "live_bytes": 0}
         for module, name in self.offsets:
             row = layers.setdefault(module, dict(blank))
             row["const_bytes"] += len(self.arrays[(module, name)][1])
-        value = 1 if self.integer else 4  # bytes of one activation
+        value = self.value_bytes
         extra = DESCRIPTOR_BYTES["q"] if self.integer else 0
         for op in self.plan.ops:
             row = layers.setdefault(op.module if op.module in layers else "(graph)", dict(blank))
             row["descriptor_bytes"] += DESCRIPTOR_BYTES[op.kind] + extra
-            live = value * live_floats(self.plan.storages, op.step) + 4 * op.scratch
+            live = value * live_floats(self.plan.storages, op.step)
             row["live_bytes"] = max(row["live_bytes"], live)
         const = sum(r["const_bytes"] for r in layers.values())
         descriptors = sum(r["descriptor_bytes"] for r in layers.values())
         requant = 4 * len(self.integer.qdata) if self.integer else 0
-        arena, scratch = value * max(1, self.arena), 4 * max(1, self.scratch)
+        arena, scratch = -(-value * max(1, self.arena) // 4) * 4, 4 * self.scratch
         return {
             "layers": [{"layer": k, **v} for k, v in layers.items()],
             "activations": f"int{self.integer.bits}" if self.integer else "float32",
@@ -249,7 +274,7 @@ class CProgram:
             "ops": len(self.plan.ops),
             "arena_bytes": arena,
             "scratch_bytes": scratch,
-            "ram_bytes": arena + scratch,
+            "ram_bytes": arena,
             "input_floats": math.prod(self.input_shape),
             "logits": self.plan.logits,
         }
@@ -331,13 +356,13 @@ class CProgram:
             seen[op.kind] = seen.get(op.kind, 0) + 1
         if self.integer:
             return "\n".join(out + self.integer_c(index))
-        out.append(f"static float arena[{max(1, self.arena)}];")
-        out.append(f"static float scratch[{max(1, self.scratch)}];")
+        out.append(f"static float arena[{max(1, self.arena)}]; /* maps and scratch */")
         out.append("")
         out.append("int cnnp_predict(const float *input, float *logits)\n{")
         bits = self.float_bits
-        out.append(f"    cnnp_ctx ctx = {{arena, input, logits, scratch, weights, {bits}}};")
+        out.append(f"    cnnp_ctx ctx = {{arena, input, logits, arena, weights, {bits}}};")
         for op, where in zip(self.plan.ops, index, strict=True):
+            out += self.scratch_c(op, "arena")
             out.append(f"    cnnp_{'epilogue' if op.kind == 'epi' else op.kind}(&ctx, &{where});")
         out.append("    return 0;\n}\n")
         return "\n".join(out)
@@ -361,16 +386,25 @@ class CProgram:
             )
             + "\n};\n"
         )
-        out.append(f"static int8_t arena[{max(1, self.arena)}];")
-        out.append(f"static int32_t scratch[{max(1, self.scratch)}];")
+        # int32 words, so that the scratch is aligned; the int8 maps are bytes of it
+        out.append(f"static int32_t arena[{max(1, -(-self.arena // 4))}]; /* maps and scratch */")
         out.append("")
         out.append("int cnnp_predict(const float *input, float *logits)\n{")
-        out.append("    cnnp_qctx ctx = {arena, input, logits, scratch, weights, qdata};")
+        out.append("    cnnp_qctx ctx = {(int8_t *)arena, input, logits, arena, weights, qdata};")
         for i, (op, where) in enumerate(zip(self.plan.ops, index, strict=True)):
             name = "epilogue" if op.kind == "epi" else op.kind
+            out += self.scratch_c(op, "arena")
             out.append(f"    cnnp_q_{name}(&ctx, &{where}, &q_ops[{i}]);")
         out.append("    return 0;\n}\n")
         return out
+
+    def scratch_c(self, op: Op, arena: str) -> list[str]:
+        """The line that points the context's scratch at ``op``'s place in the arena (none for
+        an operation without scratch)."""
+        if not op.scratch:
+            return []
+        offset = self.plan.storages[op.scratch_sid].offset
+        return [f"    ctx.scratch = {arena} + {offset * self.value_bytes // 4};"]
 
     def model_h(self) -> str:
         c, h, w = self.input_shape
@@ -388,7 +422,7 @@ class CProgram:
                 f"#define CNNP_OUTPUT_SIZE {m['logits']}",
                 f"#define CNNP_CONST_BYTES {m['const_bytes']}",
                 f"#define CNNP_ARENA_BYTES {m['arena_bytes']}",
-                f"#define CNNP_SCRATCH_BYTES {m['scratch_bytes']}",
+                f"#define CNNP_SCRATCH_BYTES {m['scratch_bytes']} /* inside the arena */",
                 "",
                 "/* logits = model(input): CNNP_INPUT_SIZE floats (C x H x W, normalised) in,",
                 "   CNNP_OUTPUT_SIZE out. Uses one static arena: not reentrant. Returns 0. */",

@@ -42,14 +42,15 @@ class ExportError(CnnpressError):
 
 @dataclass
 class Storage:
-    """A run of floats: in the arena (``offset`` placed by :func:`place`), or the input or
-    logits the caller passes."""
+    """A run of values: in the arena (``offset`` placed by :func:`place`, a multiple of
+    ``align``), or the input or logits the caller passes."""
 
     size: int
     first: int
     last: int
     base: int = ARENA
     offset: int = 0
+    align: int = 1
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,8 @@ class Op:
     reads: list[View]
     out: View
     module: str = ""
-    scratch: int = 0  # floats
+    scratch: int = 0  # 32-bit words
+    scratch_sid: int = -1  # its storage in the arena (placed by CProgram)
     epi: dict[str, Any] = field(default_factory=dict)
     step: int = 0  # the graph node it runs for
 
@@ -218,14 +220,14 @@ class Plan:
 
 
 def live_floats(storages: list[Storage], step: int) -> int:
-    """Floats of the arena storages alive at graph node ``step``."""
+    """Values of the arena storages alive at graph node ``step``."""
     return sum(s.size for s in storages if s.base == ARENA and s.first <= step <= s.last)
 
 
 def place(storages: list[Storage]) -> int:
     """Offsets in the arena for every arena storage, none overlapping another that lives at
-    the same time (largest first, each at the lowest offset that fits); returns the arena's
-    floats."""
+    the same time (largest first, each at the lowest offset, a multiple of its ``align``,
+    that fits); returns the arena's values."""
     placed: list[Storage] = []
     end = 0
     for s in sorted((s for s in storages if s.base == ARENA), key=lambda s: -s.size):
@@ -236,7 +238,7 @@ def place(storages: list[Storage]) -> int:
         for lo, hi in taken:
             if offset + s.size <= lo:
                 break
-            offset = max(offset, hi)
+            offset = max(offset, -(-hi // s.align) * s.align)
         s.offset = offset
         placed.append(s)
         end = max(end, offset + s.size)

@@ -19,7 +19,7 @@ typedef struct {
     int8_t *arena;          /* int8 activations (liveness-planned, bytes) */
     const float *input;     /* the image, C x H x W floats */
     float *logits;          /* the outputs, floats */
-    int32_t *scratch;       /* per-kernel scratch: int32 sums, decoder tables */
+    int32_t *scratch;       /* this kernel's scratch in the arena: int32 sums, decoder tables */
     const uint8_t *weights; /* the weight arrays as the .cnnp file packs them */
     const int32_t *qdata;   /* per-channel requantization: m, bias, shift + 256 * offset */
 } cnnp_qctx;

@@ -32,7 +32,7 @@ typedef struct {
     float *arena;           /* activations (liveness-planned) */
     const float *input;     /* the image, C x H x W */
     float *logits;          /* the outputs */
-    float *scratch;         /* per-kernel scratch (SLBF bank responses) */
+    float *scratch;         /* this kernel's scratch in the arena (SLBF bank responses) */
     const uint8_t *weights; /* every weight array, as the .cnnp file's payload packs them */
     int float_bits;         /* 32, 16 or 8: how the model's float arrays are stored */
 } cnnp_ctx;
