@@ -174,3 +174,28 @@ def test_slbf_int8_inner_loops_have_no_multiplication(tmp_path, target):
     assert not missing, f"{missing} not in the object file (inlined or renamed?)"
     assert {f: found[f] for f in INNER if found[f]} == {}
     assert found["cnnp_q_mul"], "the requantization multiplies: the check sees multiplies"
+
+
+@needs_cc
+@pytest.mark.parametrize("bits", [None, 8])
+def test_the_profiling_hook_runs_after_every_operation_in_order(tmp_path, bits):
+    """A build that defines CNNP_AFTER_OP(i) (a board's per-layer instruction counter) sees
+    every operation of cnnp_predict once, in order, and the logits do not change."""
+    model, _ = registry_model("resnet20", "slbf", {"slice_channels": 4, "num_filters": 8})
+    if bits:
+        model = cnnpress.quantize(model, torch.randn(16, *SHAPE), bits=bits)
+    x = torch.randn(1, *SHAPE)
+    plain, info = build(model, tmp_path / "plain")
+    hooked = tmp_path / "hooked"
+    hooked.mkdir()
+    (hooked / "hook.h").write_text("void cnnp_after(int i);\n")
+    (hooked / "hook.c").write_text(
+        '#include <stdio.h>\nvoid cnnp_after(int i) { fprintf(stderr, "%d\\n", i); }\n'
+    )
+    flags = ("-DCNNP_AFTER_OP(i)=cnnp_after(i)", "-include", str(hooked / "hook.h"))
+    prog, _ = build(model, hooked, flags=flags)
+    done = subprocess.run(
+        [str(prog)], input=x.numpy().astype("<f4").tobytes(), capture_output=True, check=True
+    )
+    assert done.stderr.decode().split() == [str(i) for i in range(info["ops"])]
+    assert np.array_equal(np.frombuffer(done.stdout, dtype="<f4"), run(plain, x)[0])

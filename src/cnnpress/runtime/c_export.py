@@ -333,6 +333,12 @@ class CProgram:
             '#include "cnnpress_q.h"' if self.integer else "",
             '#include "model.h"',
             "",
+            "/* CNNP_AFTER_OP(i) runs after operation i of cnnp_predict: a profiler's hook (a",
+            "   board's instruction counter per layer), nothing unless the build defines it. */",
+            "#ifndef CNNP_AFTER_OP",
+            "#define CNNP_AFTER_OP(i) ((void)0)",
+            "#endif",
+            "",
         ]
         out.append("/* The weight arrays, one after another (byte offset: array, encoding, shape):")
         for key, offset in self.offsets.items():
@@ -361,9 +367,10 @@ class CProgram:
         out.append("int cnnp_predict(const float *input, float *logits)\n{")
         bits = self.float_bits
         out.append(f"    cnnp_ctx ctx = {{arena, input, logits, arena, weights, {bits}}};")
-        for op, where in zip(self.plan.ops, index, strict=True):
+        for i, (op, where) in enumerate(zip(self.plan.ops, index, strict=True)):
             out += self.scratch_c(op, "arena")
             out.append(f"    cnnp_{'epilogue' if op.kind == 'epi' else op.kind}(&ctx, &{where});")
+            out.append(f"    CNNP_AFTER_OP({i});")
         out.append("    return 0;\n}\n")
         return "\n".join(out)
 
@@ -395,6 +402,7 @@ class CProgram:
             name = "epilogue" if op.kind == "epi" else op.kind
             out += self.scratch_c(op, "arena")
             out.append(f"    cnnp_q_{name}(&ctx, &{where}, &q_ops[{i}]);")
+            out.append(f"    CNNP_AFTER_OP({i});")
         out.append("    return 0;\n}\n")
         return out
 
