@@ -64,12 +64,16 @@ BIAS_LIMIT = 2**24
 @dataclasses.dataclass
 class IntegerProgram:
     """What :func:`lower_integer` adds to a plan: the activations' width, the requantization
-    table (``qdata``) and each conv's integer weights by ``id`` of its operation (for PyTorch's
-    forward; the C program reads them from the file's arrays)."""
+    table (``qdata``), each conv's integer weights by ``id`` of its operation (for PyTorch's
+    forward; the C program reads them from the file's arrays) and ``nodes``, the graph nodes
+    whose values the program holds as integers (a value fused away inside an operation, such
+    as a conv's output before its batch norm, is not one; quantization-aware training rounds
+    exactly these)."""
 
     bits: int
     qdata: list[int]
     weights: dict[int, torch.Tensor]
+    nodes: set[str] = dataclasses.field(default_factory=set)
 
 
 class _Lowering:
@@ -89,6 +93,7 @@ class _Lowering:
     def node_q(self, name: str) -> tuple[float, int]:
         if name not in self.tensors:
             raise ExportError(f"the activations record no scale for graph node {name!r}")
+        self.program.nodes.add(name)
         return self.tensors[name]
 
     def vec(self, key: Any) -> np.ndarray | None:
@@ -227,6 +232,7 @@ class _Lowering:
     def op_pool(self, op: Op) -> tuple[float, int]:
         s, z = self.held[op.reads[0].sid]
         op.q = dict(zi=z, zo=z)
+        self.program.nodes.add(self.out_node[id(op)])  # rounded to its input's grid
         return s, z
 
     # -- weights ------------------------------------------------------------------------------

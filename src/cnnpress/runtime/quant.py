@@ -210,13 +210,15 @@ def fake_quantize(x: torch.Tensor, scale: float, zero: int, bits: int) -> torch.
 
 class QuantizedModel(nn.Module):
     """A model with quantized activations (``cnnpress_activations``): its eval forward is the
-    integer program the C program runs; its training forward fake-quantizes."""
+    integer program the C program runs; its training forward fake-quantizes the values that
+    program holds as integers (straight-through)."""
 
     def __init__(self, model: nn.Module, activations: dict[str, Any]) -> None:
         super().__init__()
         self.float_model = model
         self.cnnpress_activations = activations
         self._programs: dict[tuple[int, ...], CProgram] = {}
+        self._held: dict[tuple[int, ...], set[str]] = {}  # nodes the program holds
         for key in ("cnnpress_arch", "cnnpress_method", "cnnpress_dataset", "cnnpress_storage"):
             if hasattr(model, key):
                 setattr(self, key, getattr(model, key))
@@ -234,19 +236,29 @@ class QuantizedModel(nn.Module):
             self._programs[input_shape] = CProgram(self, input_shape)
         return self._programs[input_shape]
 
+    def held_nodes(self, input_shape: tuple[int, ...]) -> set[str]:
+        """The graph nodes whose values the integer program holds as integers (those that
+        quantization-aware training rounds; the set does not change with the weights)."""
+        if input_shape not in self._held:
+            integer = self.program(input_shape).integer
+            assert integer is not None
+            self._held[input_shape] = integer.nodes
+        return self._held[input_shape]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = tuple(int(v) for v in x.shape[1:])
         if self.training:
             tensors, bits = self.cnnpress_activations["tensors"], self.cnnpress_activations["bits"]
-            graph = graph_of(self.float_model)
+            graph, held = graph_of(self.float_model), self.held_nodes(shape)
 
             def visit(name: str, value: torch.Tensor) -> torch.Tensor:
-                if name not in tensors:
+                if name not in held:
                     return value
                 scale, zero, own = (*tensors[name], bits)[:3]
                 return fake_quantize(value, scale, zero, own)
 
             return run_graph(self.float_model, graph, x, visit)
-        program = self.program(tuple(int(v) for v in x.shape[1:]))
+        program = self.program(shape)
         return run_integer(program.plan, program.integer, x.detach().cpu())
 
 
