@@ -1,0 +1,110 @@
+"""``benchmarks/boards.py`` on its emulated boards: a small int8 program linked to the real
+memory maps of a Cortex-M3 and a Cortex-M0 part runs bit-equal to the host build; a program
+that exceeds the micro:bit's RAM (with its stack, or without) fails to link and the overflow
+is reported in bytes; the instruction counts repeat exactly, the per-operation counts add up
+to the total, and the same program counts about the same instructions on the Cortex-M4, whose
+clock gives 13 times fewer instructions per SysTick tick."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import cnnpress
+
+SPEC = importlib.util.spec_from_file_location(
+    "boards_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "boards.py"
+)
+boards = importlib.util.module_from_spec(SPEC)
+sys.modules[SPEC.name] = boards  # its dataclasses look their module up
+SPEC.loader.exec_module(boards)
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not all(shutil.which(t) for t in (*boards.TOOLS, "cc")),
+        reason="no gcc-arm-none-eabi / qemu-system-arm / cc (benchmarks/boards.py installs "
+        "the first two)",
+    ),
+]
+M3, M0, M4 = (boards.BOARDS[b] for b in ("lm3s6965evb", "microbit", "netduinoplus2"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The int8 program of a ResNet-20 of width 4 (a 9 KB arena: it fits the micro:bit) and
+    two random images."""
+    torch.manual_seed(0)
+    model = cnnpress.models.create("resnet20", 1, 10, width=4).eval()
+    q = cnnpress.quantize(model, torch.randn(64, *boards.SHAPE), bits=8)
+    x = torch.randn(2, *boards.SHAPE).numpy()
+    return boards.program("tiny", q, tmp_path_factory.mktemp("tiny"), x), x
+
+
+def run(board, prog, x, ops=0):
+    built = boards.build(prog.folder, board, prog.sources, ops=ops)
+    assert built.fits, built.overflow
+    return boards.run_qemu(board, built.elf, x, prog.host.shape[1], timeout=120)
+
+
+@pytest.mark.parametrize("board", [M3, M0], ids=lambda b: b.name)
+def test_a_small_int8_program_fits_and_runs_bit_equal_to_the_host(tiny, board):
+    prog, x = tiny
+    built = boards.build(prog.folder, board, prog.sources)
+    assert built.fits and built.overflow == {}
+    assert built.sizes["flash_bytes"] <= board.flash_bytes
+    assert built.sizes["ram_linked_bytes"] <= board.ram_bytes
+    assert built.sizes["bss_bytes"] >= prog.memory["arena_bytes"]
+    got = boards.run_qemu(board, built.elf, x, 10, timeout=120)
+    assert np.array_equal(got.logits, prog.host)
+    assert 0 < got.stack_bytes < got.stack_reserved_bytes == built.sizes["stack_reserved_bytes"]
+
+
+STATIC = """#include <stdint.h>
+#include "model.h"
+static volatile uint8_t big[%d];
+int cnnp_predict(const float *input, float *logits)
+{
+    big[0] = (uint8_t)input[0];
+    logits[0] = big[sizeof big - 1];
+    return 0;
+}
+"""
+
+
+@pytest.mark.parametrize("array", [20000, 15000], ids=["over-the-RAM", "over-with-the-stack"])
+def test_a_program_over_the_ram_does_not_link_and_the_overflow_is_counted(tmp_path, array):
+    shutil.copyfile(boards.HARNESS / "null" / "model.h", tmp_path / "model.h")
+    (tmp_path / "model.c").write_text(STATIC % array)
+    built = boards.build(tmp_path, M0, ["model.c"])
+    assert not built.fits and not (tmp_path / "microbit.elf").exists()
+    assert set(built.overflow) == {"RAM"}
+    assert built.overflow["RAM"] == built.sizes["ram_linked_bytes"] - M0.ram_bytes > 0
+    assert built.sizes["bss_bytes"] >= array
+    if array < M0.ram_bytes:  # the array alone fits: the stack reservation does not
+        assert built.overflow["RAM"] <= built.sizes["stack_reserved_bytes"]
+    ld = "ld: region `FLASH' overflowed by 12 bytes\nld: region `RAM' overflowed by 3 bytes"
+    assert boards.overflows(ld) == {"FLASH": 12, "RAM": 3}
+
+
+def test_instruction_counts_repeat_add_up_and_agree_across_clocks(tiny):
+    prog, x = tiny
+    first, second = run(M3, prog, x), run(M3, prog, x)
+    assert first.raw == second.raw  # every tick of every image and of the calibration
+    profiled = run(M3, prog, x, ops=len(prog.modules))
+    assert np.array_equal(profiled.logits, first.logits)
+    tick = first.per_tick
+    assert profiled.op_instructions.shape == (len(x), len(prog.modules))
+    summed = profiled.op_instructions.sum(axis=1)
+    assert np.allclose(summed, first.instructions, rtol=0, atol=4 * tick)
+    assert 10 < profiled.hook < 60  # instructions of one CNNP_AFTER_OP, measured
+    m4 = run(M4, prog, x)
+    assert m4.per_tick < tick / 5  # 168 MHz against 12.5 MHz: another tick altogether
+    assert m4.instructions.mean() == pytest.approx(first.instructions.mean(), rel=0.02)
+    assert np.array_equal(m4.logits, first.logits)
