@@ -17,9 +17,11 @@ Per model:
   held-out *training* images (the last 5,000; calibration takes 1,000 of the first), which
   chooses the observer without looking at the test set; ``int8_accuracy`` and
   ``int4_accuracy``: the chosen observer's, post-training,
-  from PyTorch's integer forward over the 10,000 test images; ``int4_qat_accuracy`` for the
-  models named in ``--qat``: 4-bit after ``--qat-epochs`` of quantization-aware fine-tuning
-  on the training split (``cnnpress.quantize(..., finetune=...)``), with its seconds;
+  from PyTorch's integer forward over the 10,000 test images; ``int8_qat_accuracy`` and
+  ``int4_qat_accuracy`` for the models named in ``--qat``: after ``--qat-epochs`` of
+  quantization-aware fine-tuning on the training split at ``--qat-lr``
+  (``cnnpress.quantize(..., finetune=...)``), with their seconds and their C program (its
+  memory, and ``bit_equal`` on the first ``--images``);
 - the int8 C program on the first ``--images`` test images: ``bit_equal`` (its logits against
   PyTorch's integer forward, every bit), RAM and flash (the exporter's figures and ``size`` of
   ``model.o``), and the float C program's;
@@ -32,6 +34,7 @@ Per model:
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import shutil
 import subprocess
@@ -57,6 +60,7 @@ from cnnpress.runtime import export_c, export_onnx
 
 BUILD = "cc -std=c99 -O2 -Wall -Wextra -Werror *.c -lm -o prog"
 OBSERVERS = ("minmax", "percentile", "mse")
+QAT_LR = inspect.signature(cnnpress.quantize).parameters["lr"].default
 
 
 def split(name: str, start: int, stop: int) -> tuple[torch.Tensor, np.ndarray]:
@@ -126,6 +130,21 @@ def observers(model: torch.nn.Module, data: dict, bits: int) -> tuple[dict[str, 
     return scores, max(OBSERVERS, key=lambda o: (scores[o], o == "mse"))
 
 
+def qat_model(model: torch.nn.Module, data: dict, bits: int, observer: str) -> torch.nn.Module:
+    """``model`` with ``bits``-bit activations after quantization-aware fine-tuning on the
+    training split."""
+    loader = Loader(load_dataset("fashion-mnist", "train"), 128, train=True, seed=0)
+    return cnnpress.quantize(
+        model,
+        data["calibration"],
+        bits=bits,
+        observer=observer,
+        finetune=loader,
+        epochs=data["qat_epochs"],
+        lr=data["qat_lr"],
+    )
+
+
 def measure(name: str, path: str, data: dict, folder: Path) -> dict:
     model = cnnpress.load(path).eval()
     x_test, y_test = data["test"]
@@ -155,20 +174,16 @@ def measure(name: str, path: str, data: dict, folder: Path) -> dict:
     with torch.no_grad():
         ref8, reff = q8(x).numpy(), model(x).numpy()
     if name in data["qat"]:
-        start = time.perf_counter()
-        loader = Loader(load_dataset("fashion-mnist", "train"), 128, train=True, seed=0)
-        qat = cnnpress.quantize(
-            model,
-            data["calibration"],
-            bits=4,
-            observer=best4,
-            finetune=loader,
-            epochs=data["qat_epochs"],
-        )
-        row["int4_qat_accuracy"] = accuracy(qat, x_test, y_test)
-        row["qat_epochs"] = data["qat_epochs"]
-        row["qat_seconds"] = round(time.perf_counter() - start, 1)
-        row["int4_qat_program"] = c_program(qat, folder / f"{name}-int4")[1]
+        row["qat_epochs"], row["qat_lr"] = data["qat_epochs"], data["qat_lr"]
+        for bits, observer in ((8, best), (4, best4)):
+            start = time.perf_counter()
+            qat = qat_model(model, data, bits, observer)
+            row[f"int{bits}_qat_accuracy"] = accuracy(qat, x_test, y_test)
+            row[f"int{bits}_qat_seconds"] = round(time.perf_counter() - start, 1)
+            prog, info = c_program(qat, folder / f"{name}-int{bits}-qat")
+            with torch.no_grad():
+                same = np.array_equal(run_c(prog, x)[0], qat(x).numpy())
+            row[f"int{bits}_qat_program"] = {**info, "bit_equal": same}
     row.update(
         images=len(x),
         bit_equal=bool(np.array_equal(got8, ref8)),
@@ -191,34 +206,45 @@ def measure(name: str, path: str, data: dict, folder: Path) -> dict:
     return row
 
 
+def _qat(row: dict, bits: int) -> str:
+    """A QAT accuracy cell (not run where the model was not fine-tuned)."""
+    key = f"int{bits}_qat_accuracy"
+    if key not in row:
+        return "not run"
+    program = row.get(f"int{bits}_qat_program", {})
+    equal = {True: ", C bit-equal", False: ", C DIFFERS"}.get(program.get("bit_equal"), "")
+    return f"{row[key]:.2f}%{equal}"
+
+
 def tables(path: str) -> str:
     """The README's tables (markdown) from a results file of this script."""
     rows = json.loads(Path(path).read_text())["rows"]
     out = [
-        "| model | `.cnnp` bytes | float | float, int8 floats | int8 PTQ | int4 PTQ "
-        "| int4 QAT | C = PyTorch (images) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | `.cnnp` bytes | float | float, int8 floats | int8 PTQ | int8 QAT "
+        "| int4 PTQ | int4 QAT | C = PyTorch (images) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        qat = f"{r['int4_qat_accuracy']:.2f}%" if "int4_qat_accuracy" in r else "not run"
         out.append(
             f"| {r['model']} | {r['cnnp_bytes']:,} | {r['float_accuracy']:.2f}% | "
             f"{r['float8_accuracy']:.2f}% | {r['int8_accuracy']:.2f}% ({r['observer']}) | "
-            f"{r['int4_accuracy']:.2f}% ({r.get('observer_int4', r['observer'])}) | {qat} | "
-            f"{'bit-equal' if r['bit_equal'] else 'DIFFER'}"
+            f"{_qat(r, 8)} | "
+            f"{r['int4_accuracy']:.2f}% ({r.get('observer_int4', r['observer'])}) | "
+            f"{_qat(r, 4)} | {'bit-equal' if r['bit_equal'] else 'DIFFER'}"
             f" ({r['images']:,}) |"
         )
     out += [
         "",
-        "| model | RAM int8 (arena + scratch) | RAM float | flash int8 (weights + requant + "
-        "descriptors) | flash float | C int8 ms | C float ms | PyTorch ms | onnxruntime ms |",
+        "| model | RAM int8 (one arena; its largest scratch) | RAM float | flash int8 (weights "
+        "+ requant + descriptors) | flash float | C int8 ms | C float ms | PyTorch ms | "
+        "onnxruntime ms |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         i, f = r["int8_program"], r["float_program"]
         out.append(
-            f"| {r['model']} | {i['ram_bytes']:,} ({i['arena_bytes']:,} + "
-            f"{i['scratch_bytes']:,}) | {f['ram_bytes']:,} | {i['flash_bytes']:,} "
+            f"| {r['model']} | {i['ram_bytes']:,} ({i['scratch_bytes']:,}) | "
+            f"{f['ram_bytes']:,} | {i['flash_bytes']:,} "
             f"({i['const_bytes']:,} + {i['requant_bytes']:,} + {i['descriptor_bytes']:,}) | "
             f"{f['flash_bytes']:,} | {r['c_int8_ms']} | {r['c_float_ms']} | "
             f"{r['torch_float_ms']} | {r['onnxruntime_dense_fp32_ms']} |"
@@ -232,8 +258,9 @@ def main() -> None:
     parser.add_argument("--test-images", type=int, default=10000, help="for the accuracies")
     parser.add_argument("--held-out", type=int, default=5000, help="for choosing the observer")
     parser.add_argument("--files", nargs="*", default=[], help="NAME=PATH of more .cnnp files")
-    parser.add_argument("--qat", default="", help="comma-separated names: 4-bit QAT rows")
+    parser.add_argument("--qat", default="", help="comma-separated names: int8 and 4-bit QAT")
     parser.add_argument("--qat-epochs", type=int, default=1)
+    parser.add_argument("--qat-lr", type=float, default=QAT_LR, help="fine-tuning lr")
     parser.add_argument("--threads", type=int, default=2, help="threads for the accuracies")
     parser.add_argument("--out", default=None)
     parser.add_argument("--allow-dirty", action="store_true", help=ALLOW_DIRTY_HELP)
@@ -253,6 +280,7 @@ def main() -> None:
         "images": args.images,
         "qat": set(filter(None, args.qat.split(","))),
         "qat_epochs": args.qat_epochs,
+        "qat_lr": args.qat_lr,
     }
     files = [("fp32", "pretrained:resnet20-fmnist")] + [tuple(f.split("=", 1)) for f in args.files]
     with tempfile.TemporaryDirectory() as tmp:

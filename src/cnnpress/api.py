@@ -16,7 +16,7 @@ from cnnpress.format import save as save_file
 from cnnpress.methods.apply import apply, make_config, rebuild
 from cnnpress.pretrained import model_file
 from cnnpress.runtime.c_export import storage_settings
-from cnnpress.runtime.quant import QuantizedModel, calibrate
+from cnnpress.runtime.quant import QAT_LR, QuantizedModel, calibrate
 from cnnpress.runtime.quant import finetune as tune
 from cnnpress.train.checkpoint import build_model, load_state, read_meta, read_tensors
 
@@ -69,7 +69,7 @@ def quantize(
     limit: int = 1000,
     finetune: Any = None,
     epochs: int = 1,
-    lr: float = 0.002,
+    lr: float = QAT_LR,
     progress: Any = None,
 ) -> QuantizedModel:
     """``model`` with ``bits``-bit activations (8 or 4; one scale and zero point per tensor),

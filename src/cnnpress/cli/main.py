@@ -14,6 +14,7 @@ from rich.console import Console
 from cnnpress.cli import commands, compare, files, quantize
 from cnnpress.errors import CnnpressError
 from cnnpress.provenance import ALLOW_DIRTY_HELP
+from cnnpress.runtime.quant import QAT_LR
 from cnnpress.train.distributed import note_rank
 
 __all__ = ["build_parser", "main"]
@@ -187,7 +188,9 @@ def _quantize_command(sub: Any) -> None:
         default=0,
         help="quantization-aware fine-tuning on the training split first (default 0: none)",
     )
-    p.add_argument("--lr", type=float, default=0.002, help="fine-tuning learning rate")
+    p.add_argument(
+        "--lr", type=float, default=QAT_LR, help=f"fine-tuning learning rate ({QAT_LR})"
+    )
     p.add_argument("--no-eval", action="store_true", help="skip the test accuracy before and after")
     p.add_argument("--threads", type=int)
     p.add_argument("--json", action="store_true")

@@ -37,6 +37,7 @@ from cnnpress.runtime.c_quant import run_integer
 
 __all__ = [
     "OBSERVERS",
+    "QAT_LR",
     "QuantizedModel",
     "calibrate",
     "fake_quantize",
@@ -45,6 +46,10 @@ __all__ = [
 ]
 
 OBSERVERS = ("minmax", "percentile", "mse")
+#: The fine-tuning learning rate (SGD, momentum 0.9, on the distillation loss). Chosen on
+#: held-out training images with the trained SLBF 50x ResNet-20 at 4 bits, 200 steps: 93.63%
+#: at 0.0002 (its float accuracy there; post-training 93.23%), 92.57% at 0.002.
+QAT_LR = 0.0002
 #: Values of each node kept for the percentile and MSE observers.
 SAMPLE = 200_000
 PASS_FUNCTIONS = MOVES_F | {
@@ -266,7 +271,7 @@ def finetune(
     q: QuantizedModel,
     batches: Any,
     epochs: int = 1,
-    lr: float = 0.002,
+    lr: float = QAT_LR,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> None:
     """Quantization-aware fine-tuning of ``q``'s model, in place.
