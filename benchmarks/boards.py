@@ -9,7 +9,13 @@ the main that reads ``input.bin`` and writes ``logits.bin`` through semihosting)
 - ``microbit``: BBC micro:bit v1, nRF51822, Cortex-M0, 256 KiB flash at 0x0, 16 KiB RAM;
 - ``netduinoplus2``: Netduino Plus 2, STM32F405RG, Cortex-M4F, 1 MiB flash at 0x08000000,
   128 KiB SRAM (its 64 KiB core-coupled RAM unused); ``netduinoplus2-fpu`` is the same part
-  built for its FPU (``-mfloat-abi=hard -mfpu=fpv4-sp-d16``), the others use soft float.
+  built for its FPU (``-mfloat-abi=hard -mfpu=fpv4-sp-d16``), the others use soft float;
+- ``mps2-an385``: not a real part: the Cortex-M3's instruction counts of programs too large
+  for one. QEMU's ARM MPS2 FPGA image AN385 (Cortex-M3) with 4 MiB of code memory at 0x0 and
+  4 MiB of RAM at 0x20000000 (the map of ``benchmarks/cortex_m3/link.ld``): the dense int8
+  ResNet-20 (about 290 KB of flash) fits no Cortex-M3 above, and this board counts its
+  instructions beside the SLBF program's. Its rows have ``real_part: false`` (the others
+  ``true``): their ``fits`` is about that synthetic map, not about a microcontroller.
 
 Each script puts the stack (2 KiB) in RAM after ``.bss``, so a program whose data + bss +
 stack exceed the RAM, or whose code + constants exceed the flash, fails to link; such a row
@@ -24,25 +30,38 @@ instruction, and SysTick counts the processor clock in virtual time (its 24-bit 
 by its interrupt). The instructions per tick are measured on each board from a loop of known
 length (``subs``/``bne``: 2 instructions an iteration; measured with QEMU 7.2: 80 on the
 lm3s6965evb, whose clock is 12.5 MHz out of reset, 62.5 on the micro:bit's 16 MHz, 5.95 on the
-STM32F405's 168 MHz) and the cost of one counter reading subtracted. A reading is exact to a
-tick, so a total is exact to about a tick and a layer to a tick per operation. Per layer: the
-build defines ``CNNP_AFTER_OP(i)`` (``profile.h``), which adds the ticks since the previous
-reading to operation i; its own cost, measured by calling it 512 times, is subtracted from each
-operation. The total comes from a build without the hook, run twice: the two runs must count
-the same (``deterministic``). Instructions are not cycles: QEMU counts instructions, and a
-Cortex-M3 or M4 takes more than one cycle for a load, a taken branch or a long multiply, a
-Cortex-M0 more still (and it has no long multiply at all).
+STM32F405's 168 MHz, 40 on the mps2-an385's 25 MHz) and the cost of one counter reading
+subtracted. A reading is exact to a tick, so a total is exact to about a tick and a layer to a
+tick per operation. Per layer: the build defines ``CNNP_AFTER_OP(i)`` (``profile.h``), which
+adds the ticks since the previous reading to operation i; its own cost, measured by calling it
+512 times, is subtracted from each operation. The total comes from a build without the hook,
+run twice: the two runs must count the same (``deterministic``). Instructions are not cycles:
+QEMU counts instructions, and a Cortex-M3 or M4 takes more than one cycle for a load, a taken
+branch or a long multiply, a Cortex-M0 more still (and it has no long multiply at all).
 
-Per row: the board, the model, its method (``fp32`` for a plain model), its activations (the
-float program and the int8 one of ``cnnpress.quantize`` with 1,000 training images of
-Fashion-MNIST), fits and overflow, flash and RAM, the stack, instructions per inference (mean
-over the images; ``instructions_per_image`` gives each, they differ slightly with the data)
-and per layer, instructions per dense-equivalent MAC (of the fp32 ResNet-20, from PyTorch's
-FLOP counter), and the emulated logits against the host build of the same program
-(``bit_equal``, ``same_class``). No accuracy: the emulator runs only a few images.
-Installs its packages itself (as root, with apt) where they are missing::
+Per row: the board (``real_part``), the model, its method (``fp32`` for a plain model), its
+activations (the float program and the int8 one of ``cnnpress.quantize`` with 1,000 training
+images of Fashion-MNIST), its ``accuracy`` in percent over the first ``accuracy_images`` test
+images (``--test-images``, by default all 10,000; computed once per model in PyTorch: the float
+model for the float32 rows, the quantized model's integer forward, which is the int8 program
+bit for bit, for the int8 rows), fits and overflow, flash and RAM, the stack, instructions per
+inference (mean over the images; ``instructions_per_image`` gives each, they differ slightly
+with the data) and per layer, instructions per dense-equivalent MAC (of the fp32 ResNet-20,
+from PyTorch's FLOP counter), and the emulated logits against the host build of the same
+program (``bit_equal``, ``same_class``). The instructions are counted on ``--images`` test
+images (2 by default); with ``--check-images N`` the int8 programs that fit the ``lm3s6965evb``
+also run there on the first N test images (a build without the hook, run once), and that row
+records ``check_images`` and ``check_bit_equal``: the emulated logits equal to PyTorch's
+integer forward, every bit. Installs its packages itself (as root, with apt) where they are
+missing::
 
-    python benchmarks/boards.py --out benchmarks/results/boards.json
+    python benchmarks/boards.py --out benchmarks/results/boards.json --check-images 200
+
+``--table PATH`` prints the README's tables of a results file (markdown): every row's fits,
+flash, RAM, instructions and accuracy, and the per-layer instructions of the SLBF and dense
+int8 programs on the mps2-an385. README.md holds them after the comment (``MARKER``)::
+
+    <!-- boards tables: python benchmarks/boards.py --table benchmarks/results/boards.json -->
 
 The models: the shipped fp32 ResNet-20 and the ``--files`` (by default the trained SLBF 50x,
 100x and BWN files of ``recipes/compare-fmnist-slbf.yaml`` that exist), each as its float and
@@ -52,6 +71,7 @@ its int8 program.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -113,6 +133,7 @@ class Board:
     cpu: tuple[str, ...]
     flash_bytes: int
     ram_bytes: int
+    real_part: bool = True  # False: a synthetic map, for counting instructions only
 
     @property
     def script(self) -> str:
@@ -155,8 +176,23 @@ BOARDS = {
             1024 * KIB,
             128 * KIB,
         ),
+        Board(
+            "mps2-an385",
+            "mps2-an385",
+            "not a real part: the Cortex-M3's instruction counts of programs too large for one "
+            "(QEMU mps2-an385, 4 MiB of code memory, 4 MiB of RAM)",
+            ("-mcpu=cortex-m3", "-mfloat-abi=soft"),
+            4096 * KIB,
+            4096 * KIB,
+            real_part=False,
+        ),
     )
 }
+CHECK_BOARD = "lm3s6965evb"  # where --check-images runs the int8 programs
+SYNTHETIC = "mps2-an385"  # the per-layer table's board
+MARKER = (
+    "<!-- boards tables: python benchmarks/boards.py --table benchmarks/results/boards.json -->"
+)
 
 
 def have_toolchain() -> bool:
@@ -348,6 +384,10 @@ class Program:
     memory: dict
     host: np.ndarray = field(repr=False)
     sources: list[str] = field(default_factory=lambda: ["model.c", *KERNELS])
+    accuracy: float | None = None  # percent, over accuracy_images test images (PyTorch)
+    accuracy_images: int = 0
+    check_x: np.ndarray | None = field(default=None, repr=False)  # --check-images
+    check_logits: np.ndarray | None = field(default=None, repr=False)  # PyTorch's, of those
 
 
 def method_of(model: torch.nn.Module) -> str:
@@ -362,9 +402,15 @@ def short_name(file: str) -> str:
 
 
 def program(
-    name: str, model: torch.nn.Module, folder: Path, x: np.ndarray, file: str | None = None
+    name: str,
+    model: torch.nn.Module,
+    folder: Path,
+    x: np.ndarray,
+    file: str | None = None,
+    **extra,
 ) -> Program:
-    """Export ``model``'s C program into ``folder`` and run its host build on ``x``."""
+    """Export ``model``'s C program into ``folder`` and run its host build on ``x``;
+    ``extra``: more fields of the Program (its accuracy, the images to check)."""
     info = export_c(model, folder, SHAPE)
     modules = [op.module for op in CProgram(model, SHAPE).plan.ops]
     assert len(modules) == info["ops"]
@@ -378,6 +424,7 @@ def program(
         modules,
         memory,
         run_host(folder, x),
+        **extra,
     )
 
 
@@ -413,21 +460,41 @@ def fit_fields(b: Build) -> dict:
     }
 
 
+def check(board: Board, prog: Program, elf: Path, timeout: float) -> dict:
+    """The program's emulated logits of its ``check_x`` against PyTorch's (``check_logits``),
+    every bit (one run of the build without the hook)."""
+    assert prog.check_x is not None and prog.check_logits is not None
+    got = run_qemu(board, elf, prog.check_x, prog.check_logits.shape[1], timeout)
+    if got is None:
+        print(f"  {board.name} {prog.model} {prog.activations}: the check timed out", flush=True)
+        return {"check_images": len(prog.check_x), "check_timeout": f"over {timeout:g} s"}
+    return {
+        "check_images": len(prog.check_x),
+        "check_bit_equal": bool(np.array_equal(got.logits, prog.check_logits)),
+    }
+
+
 def measure(board: Board, prog: Program, x: np.ndarray, macs: int, timeout: float) -> dict:
     """One row: link ``prog`` for ``board``; if it fits, run it twice without the hook (the
-    total and the determinism check) and once with it (per layer)."""
+    total and the determinism check) and once with it (per layer); on the CHECK_BOARD, run an
+    int8 program's ``check_x`` too."""
     row = {
         "board": board.name,
+        "real_part": board.real_part,
         "model": prog.model,
         **({"file": prog.file} if prog.file else {}),
         "method": prog.method,
         "activations": prog.activations,
+        "accuracy": prog.accuracy,
+        "accuracy_images": prog.accuracy_images,
         "arena_bytes": prog.memory["arena_bytes"],
     }
     plain = build(prog.folder, board, prog.sources)
     row.update(fit_fields(plain))
     if not plain.fits:
         return row
+    if board.name == CHECK_BOARD and prog.check_x is not None:
+        row.update(check(board, prog, plain.elf, timeout))
     first = run_qemu(board, plain.elf, x, prog.host.shape[1], timeout)
     if first is None:
         return timed_out(row, "the run", timeout)
@@ -488,6 +555,7 @@ def calibrate(board: Board, folder: Path, timeout: float) -> dict:
     return {
         "machine": board.machine,
         "part": board.part,
+        "real_part": board.real_part,
         "flags": list(board.cpu),
         "flash_bytes": board.flash_bytes,
         "ram_bytes": board.ram_bytes,
@@ -500,11 +568,25 @@ def calibrate(board: Board, folder: Path, timeout: float) -> dict:
 
 
 # -- the run ----------------------------------------------------------------------------------
-def images(count: int) -> np.ndarray:
-    """The first ``count`` Fashion-MNIST test images, normalized (N x 1 x 28 x 28)."""
+def test_split(count: int) -> tuple[torch.Tensor, np.ndarray]:
+    """The first ``count`` Fashion-MNIST test images, normalized (N x 1 x 28 x 28), and their
+    labels."""
     spec = get_spec("fashion-mnist")
     ds = load_dataset("fashion-mnist", "test")
-    return normalize(ds.images[:count], spec.mean, spec.std).numpy()
+    return normalize(ds.images[:count], spec.mean, spec.std), ds.labels[:count].numpy()
+
+
+def images(count: int) -> np.ndarray:
+    """The first ``count`` Fashion-MNIST test images, normalized (N x 1 x 28 x 28)."""
+    return test_split(count)[0].numpy()
+
+
+def accuracy(model: torch.nn.Module, x: torch.Tensor, labels: np.ndarray) -> float:
+    """Percent of ``x`` that ``model`` (in eval mode) classifies as ``labels``, 2 decimals."""
+    model.eval()
+    with torch.no_grad():
+        pred = torch.cat([model(b).argmax(1) for b in x.split(500)]).numpy()
+    return round(100.0 * float((pred == labels).mean()), 2)
 
 
 def calibration_images() -> torch.Tensor:
@@ -514,17 +596,33 @@ def calibration_images() -> torch.Tensor:
     return normalize(ds.images[:1000], spec.mean, spec.std)
 
 
-def programs(name: str, folder: Path, x: np.ndarray) -> list[Program]:
+def programs(
+    name: str,
+    folder: Path,
+    x: np.ndarray,
+    test: tuple[torch.Tensor, np.ndarray],
+    check_x: torch.Tensor,
+) -> list[Program]:
     """The float program of the model ``name`` (a ``.cnnp`` file or a ``pretrained:``
-    name) and its int8 program (``cnnpress.quantize``, 8 bits)."""
+    name) and its int8 program (``cnnpress.quantize``, 8 bits), with their accuracies on
+    ``test`` (PyTorch: the float model, the integer forward of the quantized one) and, where
+    ``check_x`` holds images, the integer forward's logits of them."""
     model = cnnpress.load(name).eval()
-    q = cnnpress.quantize(model, calibration_images(), bits=8)
+    q = cnnpress.quantize(model, calibration_images(), bits=8).eval()
     file = None if name.startswith("pretrained:") else name
     short = short_name(name) if file else name
     slug = re.sub(r"[^A-Za-z0-9.-]+", "_", short)
+    scored = {"accuracy_images": len(test[0])}
+    checked = {}
+    if len(check_x):
+        with torch.no_grad():
+            reference = q(check_x).numpy()
+        checked = {"check_x": check_x.numpy(), "check_logits": reference}
+    float_acc, int8_acc = accuracy(model, *test), accuracy(q, *test)
+    print(f"{short}: accuracy float {float_acc}%, int8 {int8_acc}%", flush=True)
     return [
-        program(short, model, folder / f"{slug}-float", x, file),
-        program(short, q, folder / f"{slug}-int8", x, file),
+        program(short, model, folder / f"{slug}-float", x, file, accuracy=float_acc, **scored),
+        program(short, q, folder / f"{slug}-int8", x, file, accuracy=int8_acc, **scored, **checked),
     ]
 
 
@@ -540,24 +638,120 @@ def summary(row: dict) -> str:
         f"{row['stack_bytes']:,}) {row['instructions']:>14,} instr ({row['instructions_per_mac']}"
         f"/MAC) {'bit-equal' if row['bit_equal'] else 'DIFFERS'}"
         f"{'' if row['deterministic'] else ' NOT DETERMINISTIC'}"
+        f"{checked(row)}"
     )
+
+
+def checked(row: dict) -> str:
+    if "check_images" not in row:
+        return ""
+    if "check_bit_equal" not in row:
+        return f"; check on {row['check_images']}: {row['check_timeout']}"
+    same = "bit-equal" if row["check_bit_equal"] else "DIFFERS"
+    return f"; {same} to PyTorch on {row['check_images']}"
+
+
+# -- the README's tables ----------------------------------------------------------------------
+def _fits(row: dict) -> str:
+    if row["fits"]:
+        return "yes"
+    return "no: " + ", ".join(f"{k} +{v:,}" for k, v in row["overflow_bytes"].items())
+
+
+def _board(row: dict) -> str:
+    return row["board"] if row.get("real_part", True) else f"{row['board']} (not a real part)"
+
+
+def _count(row: dict) -> str:
+    if "instructions" in row:
+        return f"{row['instructions']:,}"
+    return "timed out" if "timeout" in row else "-"
+
+
+def tables(path: str) -> str:
+    """The README's tables (markdown) from a results file of this script: a row per board,
+    model and activations; then the per-layer instructions of the SLBF and dense int8
+    programs on the mps2-an385 (a column per model)."""
+    rows = json.loads(Path(path).read_text())["rows"]
+    out = [
+        "| board | model | method | activations | fits | flash bytes | RAM bytes (data + bss + "
+        "stack used; linked where it does not run) | instructions per inference | per dense MAC "
+        "| accuracy |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ram = f"{r['ram_bytes']:,}" if "ram_bytes" in r else f"{r['ram_linked_bytes']:,} linked"
+        mac = f"{r['instructions_per_mac']:.2f}" if "instructions_per_mac" in r else "-"
+        acc = f"{r['accuracy']:.2f}%" if r.get("accuracy") is not None else "-"
+        out.append(
+            f"| {_board(r)} | {r['model']} | {r['method']} | {r['activations']} | {_fits(r)} | "
+            f"{r['flash_bytes']:,} | {ram} | {_count(r)} | {mac} | {acc} |"
+        )
+    profiled = [
+        r
+        for r in rows
+        if r["board"] == SYNTHETIC
+        and r["activations"] == "int8"
+        and r["method"] in ("slbf", "fp32")
+        and r.get("per_layer")
+    ]
+    if not profiled:
+        return "\n".join(out)
+    profiled.sort(key=lambda r: r["method"] != "fp32")  # the dense program first
+    cells = [{layer["layer"]: layer["instructions"] for layer in r["per_layer"]} for r in profiled]
+    layers = list(dict.fromkeys(name for c in cells for name in c))
+    heads = [
+        f"{r['model']} ({'dense' if r['method'] == 'fp32' else r['method']})" for r in profiled
+    ]
+    out += [
+        "",
+        f"| layer (int8, instructions on {SYNTHETIC}) | " + " | ".join(heads) + " |",
+        "|---" * (1 + len(heads)) + "|",
+    ]
+    for layer in layers:
+        row = [f"{c[layer]:,}" if layer in c else "-" for c in cells]
+        out.append(f"| {layer} | " + " | ".join(row) + " |")
+    out.append(
+        "| sum of the layers | " + " | ".join(f"{r['per_layer_sum']:,}" for r in profiled) + " |"
+    )
+    out.append(
+        "| per inference (built without the hook) | "
+        + " | ".join(f"{r['instructions']:,}" for r in profiled)
+        + " |"
+    )
+    return "\n".join(out)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=2, help="test images per run")
+    parser.add_argument("--test-images", type=int, default=10000, help="for the accuracies")
+    parser.add_argument(
+        "--check-images",
+        type=int,
+        default=0,
+        help=f"test images on which the int8 programs that fit {CHECK_BOARD} are checked "
+        "against PyTorch's integer forward (0: none)",
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (accuracies)")
     parser.add_argument("--files", nargs="*", default=None, help=".cnnp files (see the doc)")
     parser.add_argument("--boards", nargs="*", default=list(BOARDS), choices=list(BOARDS))
     parser.add_argument("--timeout", type=float, default=600, help="seconds per QEMU run")
     parser.add_argument("--out", default=None)
     parser.add_argument("--allow-dirty", action="store_true", help=ALLOW_DIRTY_HELP)
+    parser.add_argument("--table", default=None, help="print the README tables of a result")
     args = parser.parse_args()
+    if args.table:
+        print(tables(args.table))
+        return
     require_clean_or_exit(args.allow_dirty or not args.out)  # a results file: clean tree
     install_toolchain()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     files = args.files if args.files is not None else [f for f in FILES if Path(f).exists()]
     boards = [BOARDS[b] for b in args.boards]
     x = images(args.images)
+    test = test_split(args.test_images)
+    check_x = test_split(args.check_images)[0]
     fp32 = cnnpress.load("pretrained:resnet20-fmnist").eval()
     macs = dense_macs(fp32)
     rows, calibrations = [], {}
@@ -567,7 +761,7 @@ def main() -> None:
             calibrations[board.name] = calibrate(board, folder / f"null-{board.name}", args.timeout)
             print(f"{board.name}: {calibrations[board.name]}", flush=True)
         for name in ["pretrained:resnet20-fmnist", *files]:
-            for prog in programs(name, folder, x):
+            for prog in programs(name, folder, x, test, check_x):
                 for board in boards:
                     rows.append(measure(board, prog, x, macs, args.timeout))
                     print(summary(rows[-1]), flush=True)
@@ -583,6 +777,9 @@ def main() -> None:
         "instructions": NOT_CYCLES,
         "dense_macs": macs,
         "images": args.images,
+        "accuracy_images": len(test[0]),
+        "check_images": args.check_images,
+        "check_board": CHECK_BOARD,
         "boards": calibrations,
         "rows": rows,
     }
