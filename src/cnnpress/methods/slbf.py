@@ -473,9 +473,10 @@ class SLBF(Method):
 
 def _c_scratch(target: CTarget, n: int, s: int, m: int, kk: int, bits: int) -> int:
     """Scratch (32-bit words) of the C SLBF kernel for n outputs of s slices over m bank
-    filters with kk = kh * kw: a tile's patches of one channel, responses and sums, and the
-    selections decoded (n * s uint16) with the decoder's tables when they are Huffman-coded."""
-    decoded = target.huff_ints(1 << bits) + (n * s + 1) // 2 if target.huff & 1 else 0
+    filters with kk = kh * kw: a tile's patches of one channel, responses and sums, and, when
+    the selections are Huffman-coded, the decoder's tables and the n * s selections decoded
+    into their fixed-width form (``bits`` each)."""
+    decoded = target.huff_ints(1 << bits) + -(-n * s * bits // 32) if target.huff & 1 else 0
     return target.defines["CNNP_TILE"] * (kk + m + 1 + n) + decoded
 
 

@@ -26,6 +26,17 @@ uint32_t cnnp_huff_next(cnnp_huff *h)
     return cnnp_huff_decode(h);
 }
 
+void cnnp_huff_unpack(cnnp_huff *h, int32_t count, int bits, uint8_t *out)
+{
+    uint32_t o = 0, v;
+    int32_t k;
+    int b;
+    memset(out, 0, ((uint32_t)count * (uint32_t)bits + 7u) >> 3);
+    for (k = 0; k < count; k++)
+        for (v = cnnp_huff_decode(h), b = 0; b < bits; b++, o++)
+            out[o >> 3] = (uint8_t)(out[o >> 3] | ((v >> b) & 1u) << (o & 7u));
+}
+
 void cnnp_huff_init(cnnp_huff *h, const uint8_t *data, int alphabet, int32_t *tables)
 {
     int32_t *first = tables, *count = tables + CNNP_HUFF_MAX + 1;

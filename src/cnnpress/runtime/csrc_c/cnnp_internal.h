@@ -46,12 +46,17 @@ static inline float cnnp_float_in(int float_bits, const uint8_t *a, int32_t i, i
     return (float)(int8_t)a[4 * rows + i] * cnnp_f32(a + 4 * (i / row_len));
 }
 
-static inline uint32_t cnnp_bits_at(const uint8_t *p, int32_t i, int bits)
+/* The `bits`-bit value that starts at bit o of p (least significant bit first). */
+static inline uint32_t cnnp_bits_from(const uint8_t *p, uint32_t o, int bits)
 {
-    uint32_t o = (uint32_t)i * (uint32_t)bits, v = 0;
-    uint32_t first = o >> 3, shift = o & 7u, need = (shift + (uint32_t)bits + 7u) >> 3, k;
+    uint32_t first = o >> 3, shift = o & 7u, need = (shift + (uint32_t)bits + 7u) >> 3, k, v = 0;
     for (k = 0; k < need; k++) v |= (uint32_t)p[first + k] << (8u * k);
     return (v >> shift) & ((1u << bits) - 1u);
+}
+
+static inline uint32_t cnnp_bits_at(const uint8_t *p, int32_t i, int bits)
+{
+    return cnnp_bits_from(p, (uint32_t)i * (uint32_t)bits, bits);
 }
 
 static inline uint32_t cnnp_huff_decode(cnnp_huff *h)

@@ -7,9 +7,9 @@
  * then each output channel adds the response its selection for that slice names. Every inner
  * loop runs along the tile, so it has a fixed length and no branch (the compiler vectorises
  * it); a tile's lanes past the plane compute zeros that are never stored. Scratch
- * (cnnpress.runtime.c_lower.slbf_scratch): one channel's kh x kw patches, the m responses and
- * the n sums of the tile; the selections decoded once when Huffman-coded; with a residual,
- * each output channel's y = sum * a + b. */
+ * (cnnpress.methods.slbf._c_scratch): one channel's kh x kw patches, the m responses and the
+ * n sums of the tile; Huffman-coded selections decoded once into their fixed-width form (with
+ * the decoder's tables); with a residual, each output channel's y = sum * a + b. */
 
 /* The kh x kw patches of channel xc at the tile's positions: patch[q][e] for tap q. */
 static void cnnp_slbf_patches(const cnnp_conv_t *p, const float *xc, const int *ih0,
@@ -65,16 +65,15 @@ static void cnnp_slbf_responses(const cnnp_conv_t *p, const float *xs, const int
     }
 }
 
-/* acc[i][e] += the response that output i's selection for slice j names. */
+/* acc[i][e] += the response that output i's selection for slice j names (selection
+ * k = i * s + j of the fixed-width `codes`). */
 static void cnnp_slbf_gather(const cnnp_conv_t *p, const float *restrict z,
-                             const uint16_t *decoded, const uint8_t *sel, int j,
-                             float *restrict acc)
+                             const uint8_t *codes, int j, float *restrict acc)
 {
     int s = p->c / p->d, i, e;
     for (i = 0; i < p->n; i++) {
         int32_t k = (int32_t)i * s + j;
-        const float *restrict zt =
-            z + (decoded ? decoded[k] : cnnp_bits_at(sel, k, p->code_bits)) * CNNP_TILE;
+        const float *restrict zt = z + cnnp_bits_at(codes, k, p->code_bits) * CNNP_TILE;
         float *restrict a = acc + i * CNNP_TILE;
         for (e = 0; e < CNNP_TILE; e++) a[e] += zt[e];
     }
@@ -101,18 +100,18 @@ void cnnp_conv_slbf(const cnnp_ctx *ctx, const cnnp_conv_t *p, const float *x, f
 {
     int s = p->c / p->d, kk = p->kh * p->kw, i, j, e, count;
     int32_t plane_in = (int32_t)p->h * p->w, plane = (int32_t)p->oh * p->ow, at;
-    const uint8_t *bank = cnnp_w(ctx, p->code), *sel = cnnp_w(ctx, p->sel);
+    const uint8_t *bank = cnnp_w(ctx, p->code), *codes = cnnp_w(ctx, p->sel);
     float *patch = ctx->scratch, *z = patch + kk * CNNP_TILE, *acc = z + (p->m + 1) * CNNP_TILE;
     float *ab = acc + p->n * CNNP_TILE;
-    uint16_t *decoded = 0;
     int ih0[CNNP_TILE], iw0[CNNP_TILE];
-    if (p->huff & 1) { /* Huffman-coded selections: decoded once, in order */
+    if (p->huff & 1) { /* Huffman-coded selections: decoded once into fixed-width codes */
         cnnp_huff coded;
-        int32_t *tables = (int32_t *)ab, k;
-        cnnp_huff_init(&coded, sel, 1 << p->code_bits, tables);
-        decoded = (uint16_t *)(tables + CNNP_HUFF_INTS(1 << p->code_bits));
-        for (k = 0; k < (int32_t)p->n * s; k++) decoded[k] = (uint16_t)cnnp_huff_decode(&coded);
-        ab = (float *)decoded + ((int32_t)p->n * s + 1) / 2;
+        int32_t *tables = (int32_t *)ab, *unpacked = tables + CNNP_HUFF_INTS(1 << p->code_bits);
+        int32_t words = ((int32_t)p->n * s * p->code_bits + 31) / 32;
+        cnnp_huff_init(&coded, codes, 1 << p->code_bits, tables);
+        cnnp_huff_unpack(&coded, (int32_t)p->n * s, p->code_bits, (uint8_t *)unpacked);
+        codes = (const uint8_t *)unpacked;
+        ab = (float *)(unpacked + words);
     }
     if (p->res)
         for (i = 0; i < p->n; i++) cnnp_out_ab(ctx, p, i, ab + 2 * i, ab + 2 * i + 1);
@@ -126,7 +125,7 @@ void cnnp_conv_slbf(const cnnp_ctx *ctx, const cnnp_conv_t *p, const float *x, f
         for (e = 0; e < p->n * CNNP_TILE; e++) acc[e] = 0.0f;
         for (j = 0; j < s; j++) {
             cnnp_slbf_responses(p, x + (int32_t)j * p->d * plane_in, ih0, iw0, bank, patch, z);
-            cnnp_slbf_gather(p, z, decoded, sel, j, acc);
+            cnnp_slbf_gather(p, z, codes, j, acc);
         }
         cnnp_slbf_store(p, acc, ab, at, count, y);
     }

@@ -116,6 +116,9 @@ typedef struct {
 
 void cnnp_huff_init(cnnp_huff *h, const uint8_t *data, int alphabet, int32_t *tables);
 uint32_t cnnp_huff_next(cnnp_huff *h);
+/* The next `count` symbols of h, `bits` each, packed as cnnp_bits reads them into `out`
+ * ((count * bits + 7) / 8 bytes): a coded stream decoded once into its fixed-width form. */
+void cnnp_huff_unpack(cnnp_huff *h, int32_t count, int bits, uint8_t *out);
 
 float cnnp_float_at(int float_bits, const uint8_t *a, int32_t i, int32_t rows, int32_t row_len);
 uint32_t cnnp_bits(const uint8_t *p, int32_t i, int bits);

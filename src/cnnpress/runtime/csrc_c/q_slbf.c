@@ -3,9 +3,10 @@
  * of the inputs under its +1 bits minus the sum under its -1 bits, so the patch, bank and
  * gather loops only add and subtract int32 values (their indices too: running offsets); the
  * one multiplication per output value is its requantization. Scratch (int32,
- * cnnpress.runtime.c_lower.slbf_scratch): one channel's doubled patches, the m responses and
- * the all-taps row, the n sums of the tile, and the selections decoded once when
- * Huffman-coded. */
+ * cnnpress.methods.slbf._c_scratch): one channel's doubled patches, the m responses and the
+ * all-taps row, the n sums of the tile, and, when the selections are Huffman-coded, the
+ * decoder's tables and the selections decoded once into their fixed-width form. */
+#include "cnnp_internal.h"
 #include "cnnpress_q.h"
 
 /* The sizes of one conv that the tile loops need, multiplied out once per conv, so that the
@@ -18,6 +19,7 @@ typedef struct {
     int taps;         /* bits per bank filter: d * kk */
     int32_t plane_in; /* h * w */
     int32_t dh_w;     /* one tap row down the input: dh * w */
+    uint32_t sel_row; /* bits of one output's selections: s * code_bits */
 } cnnp_q_sizes;
 
 /* patch[q][e] = 2 (x - zi) of channel xc under tap q = ky * kw + kx at the tile's positions
@@ -79,16 +81,13 @@ static void cnnp_q_responses(const cnnp_conv_t *p, const cnnp_q_sizes *n, const 
 }
 
 /* acc[i][e] += the response output i's selection for slice j names: selection
- * k = i * s + j, a running index. */
-static void cnnp_q_gather(const cnnp_conv_t *p, int s, const int32_t *restrict z,
-                          const uint16_t *decoded, const uint8_t *sel, int j,
-                          int32_t *restrict acc)
+ * k = i * s + j of `codes`, at bit k * code_bits = b (j's first), a running offset. */
+static void cnnp_q_gather(const cnnp_conv_t *p, const cnnp_q_sizes *n, const int32_t *restrict z,
+                          const uint8_t *codes, uint32_t b, int32_t *restrict acc)
 {
-    int32_t k = j;
     int i, e;
-    for (i = 0; i < p->n; i++, k += s, acc += CNNP_TILE) {
-        const int32_t *restrict zt =
-            z + (decoded ? decoded[k] : cnnp_bits(sel, k, p->code_bits)) * CNNP_TILE;
+    for (i = 0; i < p->n; i++, b += n->sel_row, acc += CNNP_TILE) {
+        const int32_t *restrict zt = z + cnnp_bits_from(codes, b, p->code_bits) * CNNP_TILE;
         for (e = 0; e < CNNP_TILE; e++) acc[e] += zt[e];
     }
 }
@@ -120,24 +119,25 @@ void cnnp_q_conv_slbf(const cnnp_qctx *ctx, const cnnp_conv_t *p, const cnnp_q_t
     cnnp_q_sizes n;
     int s = p->c / p->d, kk = p->kh * p->kw, j, e, count;
     int32_t plane_in = (int32_t)p->h * p->w, plane = (int32_t)p->oh * p->ow, at;
-    const uint8_t *bank = ctx->weights + p->code, *sel = ctx->weights + p->sel;
+    const uint8_t *bank = ctx->weights + p->code, *codes = ctx->weights + p->sel;
     const int8_t *x = cnnp_q_at(ctx, p->x);
     int8_t *y = cnnp_q_at(ctx, p->y);
     int32_t *patch = ctx->scratch, *z = patch + kk * CNNP_TILE;
     int32_t *acc = z + (p->m + 1) * CNNP_TILE, *rest = acc + p->n * CNNP_TILE;
-    uint16_t *decoded = 0;
     int ih0[CNNP_TILE], iw0[CNNP_TILE];
     int32_t row0[CNNP_TILE];
+    uint32_t b;
     n.kk = kk;
     n.taps = p->d * kk;
     n.plane_in = plane_in;
     n.dh_w = (int32_t)p->dh * p->w;
-    if (p->huff & 1) { /* Huffman-coded selections: decoded once, in order */
+    n.sel_row = (uint32_t)s * (uint32_t)p->code_bits;
+    if (p->huff & 1) { /* Huffman-coded selections: decoded once into fixed-width codes */
         cnnp_huff coded;
-        int32_t k;
-        cnnp_huff_init(&coded, sel, 1 << p->code_bits, rest);
-        decoded = (uint16_t *)(rest + CNNP_HUFF_INTS(1 << p->code_bits));
-        for (k = 0; k < (int32_t)p->n * s; k++) decoded[k] = (uint16_t)cnnp_huff_next(&coded);
+        uint8_t *unpacked = (uint8_t *)(rest + CNNP_HUFF_INTS(1 << p->code_bits));
+        cnnp_huff_init(&coded, codes, 1 << p->code_bits, rest);
+        cnnp_huff_unpack(&coded, (int32_t)p->n * s, p->code_bits, unpacked);
+        codes = unpacked;
     }
     for (at = 0; at < plane; at += CNNP_TILE) {
         count = plane - at < CNNP_TILE ? (int)(plane - at) : CNNP_TILE;
@@ -148,10 +148,10 @@ void cnnp_q_conv_slbf(const cnnp_qctx *ctx, const cnnp_conv_t *p, const cnnp_q_t
             row0[e] = (int32_t)ih0[e] * p->w;
         }
         for (e = 0; e < p->n * CNNP_TILE; e++) acc[e] = 0;
-        for (j = 0; j < s; j++) {
+        for (j = 0, b = 0; j < s; j++, b += (uint32_t)p->code_bits) {
             cnnp_q_responses(p, &n, x + (int32_t)j * p->d * plane_in, q->zi, ih0, iw0, row0,
                              bank, patch, z);
-            cnnp_q_gather(p, s, z, decoded, sel, j, acc);
+            cnnp_q_gather(p, &n, z, codes, b, acc);
         }
         cnnp_q_slbf_store(ctx, p, q, acc, at, count, y);
     }
