@@ -745,6 +745,7 @@ def main() -> None:
         print(tables(args.table))
         return
     require_clean_or_exit(args.allow_dirty or not args.out)  # a results file: clean tree
+    provenance = script_provenance(args.out, args.allow_dirty)  # the tree the run starts from
     install_toolchain()
     torch.set_num_threads(args.threads)
     files = args.files if args.files is not None else [f for f in FILES if Path(f).exists()]
@@ -766,7 +767,7 @@ def main() -> None:
                     rows.append(measure(board, prog, x, macs, args.timeout))
                     print(summary(rows[-1]), flush=True)
     result = {
-        **script_provenance(args.out, args.allow_dirty),
+        **provenance,
         "compiler": subprocess.run(
             ["arm-none-eabi-gcc", "--version"], capture_output=True, text=True, check=True
         ).stdout.splitlines()[0],
