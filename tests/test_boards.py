@@ -9,23 +9,16 @@ bit-equal and counts the instructions the lm3s6965evb counts."""
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import cnnpress
+from helpers import load_benchmark
 
-SPEC = importlib.util.spec_from_file_location(
-    "boards_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "boards.py"
-)
-boards = importlib.util.module_from_spec(SPEC)
-sys.modules[SPEC.name] = boards  # its dataclasses look their module up
-SPEC.loader.exec_module(boards)
+boards = load_benchmark("boards")
 
 pytestmark = [
     pytest.mark.slow,

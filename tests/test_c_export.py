@@ -10,7 +10,6 @@ tests that compile are skipped.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
@@ -30,6 +29,7 @@ from cnnpress.errors import CnnpressError
 from cnnpress.methods.slbf import SLBFLayer
 from cnnpress.runtime import c_lower, c_memory, export_c
 from cnnpress.runtime.c_export import RUNTIME_FILES
+from helpers import load_benchmark
 
 CC = shutil.which("cc")
 SIZE = shutil.which("size")
@@ -415,11 +415,7 @@ M3_TOOLS = ("arm-none-eabi-gcc", "arm-none-eabi-size", "qemu-system-arm")
     reason="no gcc-arm-none-eabi / qemu-system-arm (benchmarks/cortex_m3.py installs them)",
 )
 def test_emulated_cortex_m3_classifies_as_the_host(tmp_path):
-    spec = importlib.util.spec_from_file_location(
-        "cortex_m3", Path(__file__).parents[1] / "benchmarks" / "cortex_m3.py"
-    )
-    m3 = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(m3)
+    m3 = load_benchmark("cortex_m3")
     model, storage = registry_model(
         "resnet20", "slbf", {**SLBF, "float_bits": 8, "fold_batchnorm": True}
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import yaml
 from cnnpress import provenance
 from cnnpress.cli.main import main
 from cnnpress.errors import CnnpressError
+from helpers import load_benchmark
 
 CLEAN = "0123456789abcdef0123456789abcdef01234567"
 DIRTY = CLEAN + "+dirty"
@@ -50,9 +50,7 @@ def test_a_clean_tree_records_dirty_false_and_no_git_records_none(tree):
     assert provenance.result_provenance(["x"])["dirty"] is None
 
 
-def test_a_script_result_records_its_command_and_needs_a_clean_tree_only_for_a_file(
-    tree, tmp_path
-):
+def test_a_script_result_records_its_command_and_needs_a_clean_tree_only_for_a_file(tree, tmp_path):
     tree(DIRTY)
     argv = ["benchmarks/x.py", "--out", "r.json"]
     with pytest.raises(CnnpressError, match="uncommitted changes"):
@@ -127,9 +125,7 @@ def test_every_benchmark_script_has_the_check():
 def test_benchmark_scripts_refuse_to_write_results_from_a_dirty_tree(
     name, tree, tmp_path, monkeypatch, capsys
 ):
-    spec = importlib.util.spec_from_file_location(f"bench_{name[:-3]}", BENCHMARKS / name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark(name[:-3])
     tree(DIRTY)
     out = tmp_path / "result.json"
     monkeypatch.setattr(sys, "argv", [name, *POSITIONAL.get(name, []), "--out", str(out)])

@@ -5,33 +5,20 @@ comment, what ``benchmarks/boards.py --table`` makes of ``benchmarks/results/boa
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_readme_holds_the_int8_tables_of_the_committed_json():
-    spec = importlib.util.spec_from_file_location("int8_bench", ROOT / "benchmarks" / "int8.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    tables = module.tables(str(ROOT / "benchmarks" / "results" / "int8.json"))
+    tables = load_benchmark("int8").tables(str(ROOT / "benchmarks" / "results" / "int8.json"))
     assert tables.count("\n| ") >= 5  # two tables (headers, rules), two rows each
     assert tables in (ROOT / "README.md").read_text()
-
-
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(
-        f"{name}_bench", ROOT / "benchmarks" / f"{name}.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 BOARDS_JSON = ROOT / "benchmarks" / "results" / "boards.json"
@@ -39,7 +26,7 @@ BOARDS_JSON = ROOT / "benchmarks" / "results" / "boards.json"
 
 @pytest.mark.skipif(not BOARDS_JSON.exists(), reason="no boards results committed yet")
 def test_the_readme_holds_the_boards_tables_of_the_committed_json():
-    boards = load("boards")
+    boards = load_benchmark("boards")
     tables = boards.tables(str(BOARDS_JSON))
     readme = (ROOT / "README.md").read_text()
     assert boards.MARKER in readme
@@ -47,7 +34,7 @@ def test_the_readme_holds_the_boards_tables_of_the_committed_json():
 
 
 def test_the_boards_tables_show_the_overflow_and_the_layers_of_the_synthetic_m3(tmp_path):
-    boards = load("boards")
+    boards = load_benchmark("boards")
     common = {"method": "fp32", "activations": "int8", "flash_bytes": 290_000, "accuracy": 93.8}
     layers = [{"layer": "conv1", "instructions": 1000}, {"layer": "fc", "instructions": 20}]
     rows = [
