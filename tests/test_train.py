@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
 import torch
+from rich.console import Console
 
 import cnnpress
 from cnnpress.api import load_model
 from cnnpress.data import Loader, load_dataset
 from cnnpress.errors import ConfigError
+from cnnpress.train import loop
 from cnnpress.train.checkpoint import CheckpointError, read_meta
 from cnnpress.train.config import TrainConfig
 from cnnpress.train.loop import fit, lr_at, recalibrate_batchnorm
@@ -185,3 +188,20 @@ def test_a_batch_of_one_reaching_a_1x1_map_is_one_error_in_training(tmp_path):
     with pytest.raises(BatchStatisticsError) as err:
         fit(net, one, one, TrainConfig(epochs=1, batch_size=1, lr=0.05), tmp_path)
     assert "batch" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_log_gets_plain_progress_lines_and_a_terminal_none_of_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(loop, "PLAIN_PROGRESS_SECONDS", 0.0)  # a line for every step but the last
+    train, test = loaders()  # 8 steps an epoch
+    log = io.StringIO()
+    net = cnnpress.models.create("lenet5", 1, 4)
+    cfg = TrainConfig(epochs=1, lr=0.05)
+    fit(net, train, test, cfg, tmp_path / "log", console=Console(file=log))
+    lines = [x for x in log.getvalue().splitlines() if " step " in x]
+    assert [x.split()[3] for x in lines] == [f"{i}/8" for i in range(1, 8)], lines
+    assert all("loss " in x and "acc " in x and " s left" in x for x in lines)
+    term = io.StringIO()
+    net = cnnpress.models.create("lenet5", 1, 4)
+    console = Console(file=term, force_terminal=True)
+    fit(net, train, test, cfg, tmp_path / "term", console=console)
+    assert " step " not in term.getvalue()

@@ -119,17 +119,54 @@ def recalibrate_batchnorm(model: nn.Module, loader: Iterable, batches: int) -> N
     model.train(was_training)
 
 
-def _progress(console: Console) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.3f}  acc {task.fields[acc]:.1f}%"),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-        disable=not console.is_terminal,
-    )
+#: Seconds between two progress lines when the output is not a terminal (a log, a CI job).
+PLAIN_PROGRESS_SECONDS = 30.0
+
+
+class _EpochProgress:
+    """An epoch's progress: rich's bar on a terminal; elsewhere a plain line every
+    :data:`PLAIN_PROGRESS_SECONDS` seconds (step, running loss and accuracy, time left)."""
+
+    def __init__(self, console: Console, description: str, total: int) -> None:
+        self.console, self.description, self.total = console, description, total
+        self.start = self.last = time.monotonic()
+        self.bar: Progress | None = None
+        if console.is_terminal:
+            self.bar = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]:.3f}  acc {task.fields[acc]:.1f}%"),
+                TimeRemainingColumn(),
+                console=console,
+                transient=True,
+            )
+            self.task = self.bar.add_task(description, total=total, loss=0.0, acc=0.0)
+
+    def __enter__(self) -> _EpochProgress:
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def update(self, done: int, loss: float, acc: float) -> None:
+        """``done`` steps of ``total`` finished, with the running loss and accuracy."""
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done, loss=loss, acc=acc)
+            return
+        now = time.monotonic()
+        if now - self.last < PLAIN_PROGRESS_SECONDS or done >= self.total:
+            return
+        self.last = now
+        left = (now - self.start) / done * (self.total - done)
+        self.console.print(
+            f"{self.description}  step {done}/{self.total}  loss {loss:.3f}  acc {acc:.1f}%  "
+            f"about {left:.0f} s left",
+            **PLAIN,
+        )
 
 
 def fit(
@@ -296,8 +333,7 @@ def _train_epoch(step: _Step, run: _Run, loader: Any, epoch: int, steps: int) ->
     t0 = time.perf_counter()
     loss_sum, correct, count, lr = 0.0, 0, 0, cfg.lr
     before = step.method.snapshot(step.model) if step.method is not None else None
-    with _progress(run.console) as bar:
-        task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps, loss=0.0, acc=0.0)
+    with _EpochProgress(run.console, f"epoch {epoch + 1}/{cfg.epochs}", steps) as bar:
         for i, (x, y) in enumerate(loader):
             x, y = x.to(ctx.device), y.to(ctx.device)
             lr = lr_at(cfg, epoch * steps + i, steps)
@@ -310,7 +346,7 @@ def _train_epoch(step: _Step, run: _Run, loader: Any, epoch: int, steps: int) ->
             loss_sum += loss.item() * y.numel()
             correct += (out.argmax(1) == y).sum().item()
             count += y.numel()
-            bar.update(task, advance=1, loss=loss_sum / count, acc=100.0 * correct / count)
+            bar.update(i + 1, loss_sum / count, 100.0 * correct / count)
     seconds = time.perf_counter() - t0
     run.train_seconds += seconds
     loss_sum, correct, count = all_reduce_sum([loss_sum, correct, count], ctx)
