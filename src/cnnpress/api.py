@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -9,12 +10,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from cnnpress.budget import resolve_budget
-from cnnpress.errors import CnnpressError
+from cnnpress.budget import file_size, parse_size, resolve_budget, smallest
+from cnnpress.errors import CnnpressError, ConfigError
 from cnnpress.format import load as load_file
 from cnnpress.format import save as save_file
 from cnnpress.methods.apply import apply, make_config, rebuild
 from cnnpress.pretrained import model_file
+from cnnpress.runtime.boards import fit_budget, program_memory
 from cnnpress.runtime.c_export import storage_settings
 from cnnpress.runtime.quant import QAT_LR, QuantizedModel, calibrate
 from cnnpress.runtime.quant import finetune as tune
@@ -23,21 +25,159 @@ from cnnpress.train.checkpoint import build_model, load_state, read_meta, read_t
 __all__ = ["compress", "load", "load_model", "quantize", "rebuild", "save"]
 
 
-def compress(model: nn.Module, method: str, **settings: Any) -> nn.Module:
+def compress(
+    model: nn.Module,
+    method: str,
+    *,
+    target_flash: int | str | None = None,
+    target_ram: int | str | None = None,
+    core: str = "cortex-m3",
+    input_shape: tuple[int, int, int] | None = None,
+    activation_bits: int | None = None,
+    **settings: Any,
+) -> nn.Module:
     """A new model with the layers that ``method`` compresses replaced; ``model`` is untouched.
 
     Args:
         model: A model (ideally from ``cnnpress.models.create``, so its file can rebuild it).
         method: A name from ``cnnpress.methods.names()``.
+        target_flash: A flash budget of the C program (bytes, or a size such as "64KB"):
+            the model's constants and the runtime's code on ``core``
+            (:func:`cnnpress.runtime.boards.program_memory`).
+        target_ram: A RAM budget of the C program: arena, stack, input and logits buffers.
+        core: The core the budgets are for (``cnnpress.runtime.boards.CODE_BYTES``).
+        input_shape: (C, H, W) of the inputs, for the RAM (default: the recorded data set's).
+        activation_bits: With a budget: 8 keeps int8 activations; default: the widest
+            activations (float32, then int8) whose program fits.
         **settings: The method's config fields (for SLBF ``slice_channels``, ``num_filters``,
             ``scale``, ``include_first``, ``include_linear``, ``layers``, or a size budget
             ``target_size`` / ``target_ratio`` that ``cnnpress.budget`` turns into those).
 
     Returns:
         The compressed copy, with ``cnnpress_method`` recording the method and its settings.
+        With a flash or RAM budget, ``cnnpress_device`` records the plan: the activations it
+        chose (``activation_bits``: None for float32, else quantize the trained model with
+        them) and the program's flash and RAM; a method with a size budget (SLBF) gets the
+        largest file whose program fits the flash.
+
+    Raises:
+        ConfigError: A budget that no setting meets (with the smallest flash and RAM).
     """
-    config = resolve_budget(model, make_config(method, settings))
-    return apply(model, method, config)
+    config = make_config(method, settings)
+    if target_flash is None and target_ram is None:
+        return apply(model, method, resolve_budget(model, config))
+    device = _Device(
+        None if target_flash is None else parse_size(target_flash),
+        None if target_ram is None else parse_size(target_ram),
+        core,
+        input_shape or _recorded_shape(model),
+    )
+    options = (None, 8) if activation_bits is None else (activation_bits,)
+    return _fit_device(model, method, config, device, options)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Device:
+    """A flash and RAM budget (bytes; None: no limit) on a core, for inputs of ``shape``."""
+
+    flash: int | None
+    ram: int | None
+    core: str
+    shape: tuple[int, int, int]
+
+    def fits(self, memory: dict[str, Any]) -> bool:
+        inf = float("inf")
+        return fit_budget(memory, self.flash or inf, self.ram or inf)["fits"]
+
+
+def _recorded_shape(model: nn.Module) -> tuple[int, int, int]:
+    spec = getattr(model, "cnnpress_dataset", None) or {}
+    if not spec.get("in_channels") or not spec.get("image_size"):
+        raise ConfigError("a flash or RAM budget needs input_shape (C, H, W)")
+    return (int(spec["in_channels"]), *(int(v) for v in spec["image_size"]))
+
+
+def _fit_device(
+    model: nn.Module, method: str, config: Any, device: _Device, options: tuple
+) -> nn.Module:
+    """The first activation width of ``options`` whose program fits ``device``, with the
+    method's largest settings that fit its flash. The RAM hardly depends on the method's
+    settings, so a width whose smallest program does not fit is not searched."""
+    sized = (
+        hasattr(config, "target_size")
+        and config.target_size is None
+        and config.target_ratio is None
+        and device.flash is not None
+    )
+    least_config = smallest(model, config) if sized else resolve_budget(model, config)
+    least = apply(model, method, least_config)
+    tried = []
+    for bits in options:
+        memory = _device_memory(least, bits, device)
+        tried.append((bits, memory))
+        if not device.fits(memory):
+            continue
+        small = least
+        if sized:  # the largest file whose program still fits the flash
+            small, memory = _largest(model, method, config, device, bits, (least_config, memory))
+        small.cnnpress_device = {
+            "activation_bits": bits,
+            "target_flash_bytes": device.flash,
+            "target_ram_bytes": device.ram,
+            **memory,
+        }
+        return small
+    smallest_programs = "; ".join(
+        f"{m['activations']}: {m['flash_bytes']:,} bytes of flash and {m['ram_bytes']:,} of RAM"
+        for _, m in tried
+    )
+    raise ConfigError(
+        f"no {method} program of this model fits {_bytes(device.flash)} of flash and "
+        f"{_bytes(device.ram)} of RAM on a {device.core}; the smallest need {smallest_programs}"
+    )
+
+
+def _bytes(value: int | None) -> str:
+    return "any amount" if value is None else f"{value:,} bytes"
+
+
+def _device_memory(model: nn.Module, bits: int | None, device: _Device) -> dict[str, Any]:
+    """The program's flash and RAM with ``bits``-bit activations (None: float32); the sizes do
+    not depend on the calibration, so random images calibrate it."""
+    if bits is not None:
+        images = torch.randn(8, *device.shape, generator=torch.Generator().manual_seed(0))
+        model = quantize(model, images, bits=bits, limit=8)
+    return program_memory(model, device.shape, device.core)
+
+
+def _largest(
+    model: nn.Module,
+    method: str,
+    config: Any,
+    device: _Device,
+    bits: int | None,
+    least: tuple[Any, dict[str, Any]],
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The model at the largest size budget whose program fits ``device.flash``, and its
+    memory; ``least``: the smallest settings' config and memory, which fit."""
+    least_config, memory = least
+    # The program's flash grows with the file about byte for byte: give the file what is left.
+    target = file_size(model, least_config) + config.header_reserve
+    target += device.flash - memory["flash_bytes"]
+    for _ in range(4):
+        try:
+            sized = resolve_budget(model, dataclasses.replace(config, target_size=target))
+        except ConfigError:  # below the smallest file: keep the smallest settings
+            break
+        small = apply(model, method, sized)
+        got = _device_memory(small, bits, device)
+        if device.fits(got):
+            return small, got
+        over = got["flash_bytes"] - device.flash
+        if over <= 0:  # the RAM, not the flash, is what the larger settings broke
+            break
+        target -= over + 64
+    return apply(model, method, least_config), memory
 
 
 def save(model: nn.Module, path: str | Path, **settings: Any) -> int:

@@ -68,6 +68,7 @@ __all__ = [
     "parse_size",
     "plan",
     "resolve_budget",
+    "smallest",
 ]
 
 SLICE_CHOICES = (1, 2, 4, 8, 16, 32)
@@ -177,6 +178,16 @@ def candidates(
     return front
 
 
+def _fronts(model: nn.Module, config: Any, sample: int | None) -> dict[str, list[Candidate]]:
+    """Every budgeted layer's :func:`candidates`, by name."""
+    return {
+        name: candidates(
+            module, overrides, config.budget_max_filters, name, config.budget_bank_share, sample
+        )
+        for name, module, overrides in select_layers(model, config)
+    }
+
+
 def _some_filters(x: torch.Tensor, sample: int | None) -> torch.Tensor:
     """``x`` (n, s, D), or the slices of a fixed random subset of its filters holding about
     ``sample`` slices (the same subset on every call)."""
@@ -226,12 +237,7 @@ def plan(model: nn.Module, config: Any, sample: int | None = PLAN_SLICES) -> Pla
     budget = budget_bytes(model, config)
     if budget is None:
         raise ConfigError("no budget: give target_size or target_ratio")
-    fronts = {
-        name: candidates(
-            module, overrides, config.budget_max_filters, name, config.budget_bank_share, sample
-        )
-        for name, module, overrides in select_layers(model, config)
-    }
+    fronts = _fronts(model, config, sample)
     search = _Search(model, config, fronts)
     minimum = search.exact()
     if minimum > budget:
@@ -265,13 +271,16 @@ class _Search:
     def chosen(self) -> dict[str, Candidate]:
         return {n: f[self.choice[n]] for n, f in self.fronts.items()}
 
-    def exact(self) -> int:
-        """The file bytes of the current choice, measured (plus ``header_reserve``)."""
-        settings = {
+    def settings(self) -> dict[str, dict[str, int]]:
+        """The current choice as ``{layer: {slice_channels, num_filters}}``."""
+        return {
             n: {"slice_channels": c.slice_channels, "num_filters": c.num_filters}
             for n, c in self.chosen().items()
         }
-        config = _with_layers(self.config, settings)
+
+    def exact(self) -> int:
+        """The file bytes of the current choice, measured (plus ``header_reserve``)."""
+        config = _with_layers(self.config, self.settings())
         return file_size(self.model, config) + self.config.header_reserve
 
     def _best(self, left: int) -> tuple[float, str, int] | None:
@@ -301,6 +310,13 @@ class _Search:
     def undo(self) -> None:
         name, previous = self.history.pop()
         self.choice[name] = previous
+
+
+def smallest(model: nn.Module, config: Any, sample: int | None = PLAN_SLICES) -> Any:
+    """``config`` with every budgeted layer at its smallest setting (where :func:`plan`
+    starts: the smallest file the budget can give) and the targets cleared."""
+    fronts = _fronts(model, config, sample)
+    return _with_layers(config, _Search(model, config, fronts).settings())
 
 
 def _unmet(config: Any, budget: int, minimum: int) -> ConfigError:

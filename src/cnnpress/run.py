@@ -25,6 +25,7 @@ from torch import nn
 from cnnpress import models
 from cnnpress.api import compress, load_model, quantize, save
 from cnnpress.atomic import atomic_write_text
+from cnnpress.budget import parse_size
 from cnnpress.cost import summary
 from cnnpress.data import DatasetSpec, Loader, load_dataset
 from cnnpress.errors import CnnpressError, ConfigError
@@ -34,6 +35,7 @@ from cnnpress.methods.distill import make_kd_loss
 from cnnpress.methods.slbf import describe
 from cnnpress.pretrained import resolve
 from cnnpress.provenance import provenance
+from cnnpress.runtime.boards import fit_budget, program_memory
 from cnnpress.train.checkpoint import check_checkpoint
 from cnnpress.train.config import TrainConfig
 from cnnpress.train.distributed import DistContext, run_on_main
@@ -160,13 +162,36 @@ def _build(
             before = _measure_start(model, cfg["init"], test_loader, spec)
     if cfg.get("method"):
         given = cfg["method_config"]
-        model = compress(model, cfg["method"], **given)
-        if any(given.get(k) is not None for k in _BUDGET_KEYS):
-            # The budget chose per-layer settings: keep them, so that a resume (and anyone
-            # reading config.yaml) rebuilds the same shapes without planning again.
+        device = cfg.pop("device", None)
+        shape = (spec.in_channels, *spec.image_size)
+        model = compress(model, cfg["method"], **_device_args(cfg, device, shape), **given)
+        if device or any(given.get(k) is not None for k in _BUDGET_KEYS):
+            # The budget chose per-layer settings (and activations): keep them, so that a
+            # resume (and anyone reading config.yaml) rebuilds the same without planning again.
             budget = {k: given.get(k) for k in _BUDGET_KEYS}
             cfg["method_config"] = model.cnnpress_method["config"]
+        if device:
+            budget["device"] = {**device, "plan": model.cnnpress_device}
+            bits = model.cnnpress_device["activation_bits"]
+            if bits is not None and not cfg.get("activations"):
+                cfg["activations"] = {"bits": bits, "observer": "mse", "finetune_epochs": 0}
     return model, before, budget
+
+
+def _device_args(
+    cfg: dict[str, Any], device: dict[str, Any] | None, shape: tuple[int, int, int]
+) -> dict[str, Any]:
+    """``compress``'s flash and RAM budget arguments of a run's ``device`` settings."""
+    if not device:
+        return {}
+    acts = cfg.get("activations")
+    return {
+        "target_flash": device.get("flash"),
+        "target_ram": device.get("ram"),
+        "core": device.get("core", "cortex-m3"),
+        "input_shape": shape,
+        "activation_bits": acts["bits"] if acts else None,
+    }
 
 
 def _kd_loss(cfg: dict[str, Any], ctx: DistContext) -> Any:
@@ -274,10 +299,22 @@ def train_run(
     if cfg.get("activations"):  # the file's own accuracy: its integer program's
         record["activations"] = cfg["activations"]
         record["int_test_accuracy"] = evaluate(model, test_loader)["accuracy"]
+    if budget and budget.get("device"):  # the trained program, measured against the budget
+        record["device_program"] = _program_fit(model, spec, budget["device"])
     wall = time.perf_counter() - start
     record.update(budget=budget, before=before, wall_seconds_this_process=wall)
     atomic_write_text(run_dir / "result.json", json.dumps(record, indent=2) + "\n")
     return record
+
+
+def _program_fit(model: nn.Module, spec: DatasetSpec, device: dict[str, Any]) -> dict[str, Any]:
+    """The C program's flash and RAM of the saved model on the device's core, and whether
+    it fits the device's budget."""
+    inf = float("inf")
+    memory = program_memory(model, (spec.in_channels, *spec.image_size), device["core"])
+    flash, ram = device.get("flash"), device.get("ram")
+    limits = (inf if flash is None else parse_size(flash), inf if ram is None else parse_size(ram))
+    return {**memory, **fit_budget(memory, *limits)}
 
 
 def _record(

@@ -18,8 +18,10 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from cnnpress.budget import parse_size
 from cnnpress.errors import CnnpressError, ConfigError
 from cnnpress.run import read_run, train_run
+from cnnpress.runtime.boards import CODE_BYTES, board
 from cnnpress.train.config import TrainConfig
 from cnnpress.train.distributed import (
     DistContext,
@@ -82,9 +84,20 @@ def _read_recipe(path: str) -> dict[str, Any]:
 _RECIPE_TYPES: dict[str, type] = {
     **dict.fromkeys(("model", "data", "data_dir", "out", "init", "method"), str),
     **dict.fromkeys(
-        ("model_args", "data_options", "train", "method_config", "distill", "activations"), dict
+        (
+            "model_args",
+            "data_options",
+            "train",
+            "method_config",
+            "distill",
+            "activations",
+            "device",
+        ),
+        dict,
     ),
 }
+#: The settings of ``device:`` (a flash and RAM budget of the C program, on a core).
+_DEVICE_KEYS = ("flash", "ram", "core")
 #: The settings of ``activations:`` (the run's model saved with integer activations).
 _ACTIVATION_KEYS = ("bits", "observer", "finetune_epochs")
 _DISTILL_TYPES: dict[str, Any] = {"teacher": str, "temperature": float, "alpha": float}
@@ -140,6 +153,7 @@ def resolve_config(args: argparse.Namespace, with_method: bool) -> dict[str, Any
         "init",
         "out",
         "activations",
+        "device",
     }
     unknown = sorted(str(key) for key in cfg if key not in known)
     if unknown:
@@ -191,6 +205,7 @@ def resolve_config(args: argparse.Namespace, with_method: bool) -> dict[str, Any
         cfg["method_config"] = mc
         if not cfg.get("method"):
             raise ConfigError("choose a method with --method (or `method:` in the recipe)")
+        _device_settings(cfg, args)
     else:
         cfg.pop("method", None)
         cfg.pop("method_config", None)
@@ -226,6 +241,36 @@ def _activation_settings(cfg: dict[str, Any], args: argparse.Namespace) -> None:
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ConfigError(f"activations finetune_epochs must be 0 or more, got {epochs!r}")
     cfg["activations"] = acts
+
+
+def _device_settings(cfg: dict[str, Any], args: argparse.Namespace) -> None:
+    """``device:`` with ``--flash``, ``--ram`` and ``--board`` over it (a board gives its core,
+    and its flash and RAM where they are not given), checked, or removed when none asks."""
+    device = dict(cfg.get("device") or {})
+    for key in ("flash", "ram"):
+        if getattr(args, key, None) is not None:
+            device[key] = getattr(args, key)
+    name = getattr(args, "board", None)
+    if name is not None:
+        b = board(name)
+        device = {"flash": b.flash_bytes, "ram": b.ram_bytes, **device, "core": b.core}
+    if not device:
+        cfg.pop("device", None)
+        return
+    unknown = sorted(str(k) for k in device if k not in _DEVICE_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"unknown device setting(s) {', '.join(unknown)}; valid: {', '.join(_DEVICE_KEYS)}"
+        )
+    if device.get("flash") is None and device.get("ram") is None:
+        raise ConfigError("a device budget needs flash or ram (e.g. --flash 64KB --ram 16KB)")
+    for key in ("flash", "ram"):
+        if device.get(key) is not None:
+            parse_size(device[key])  # refuses a bad size in one line
+    device.setdefault("core", "cortex-m3")
+    if device["core"] not in CODE_BYTES:
+        raise ConfigError(f"device core must be one of {', '.join(CODE_BYTES)}")
+    cfg["device"] = device
 
 
 def _set_threads(threads: int | None) -> None:

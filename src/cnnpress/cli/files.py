@@ -19,6 +19,7 @@ from cnnpress.cost import summary
 from cnnpress.data import DatasetSpec, Loader, get_spec, load_dataset
 from cnnpress.errors import CnnpressError
 from cnnpress.format import read_info
+from cnnpress.runtime.boards import board_fit
 from cnnpress.runtime.c_export import c_memory, export_c
 from cnnpress.runtime.onnx import export_onnx
 from cnnpress.train.fits import check_fits
@@ -86,9 +87,31 @@ def cmd_summary(args: argparse.Namespace, console: Console, err: Console) -> dic
         s.attach_device(c_memory(model, shape))
     except CnnpressError as why:
         s.attach_device({"error": str(why)})
+    result = s.to_dict()
+    if args.board:
+        result["board"] = board_fit(model, args.board, shape)
     if not args.json:
         console.print(s.table())
-    return s.to_dict()
+        if args.board:
+            console.print(board_line(result["board"]), **PLAIN)
+    return result
+
+
+def board_line(fit: dict[str, Any]) -> str:
+    """One line: whether the program fits the board, and by how many bytes each memory."""
+
+    def part(what: str, used: int, size: int, left: int) -> str:
+        state = f"{left:,} left" if left >= 0 else f"over by {-left:,}"
+        return f"{what} {used:,} of {size:,} bytes ({state})"
+
+    verdict = "fits" if fit["fits"] else "does NOT fit"
+    return (
+        f"{fit['board']} ({fit['part']}, {fit['core']}): {fit['activations']} program {verdict}: "
+        + part("flash", fit["flash_bytes"], fit["board_flash_bytes"], fit["flash_left_bytes"])
+        + ", "
+        + part("RAM", fit["ram_bytes"], fit["board_ram_bytes"], fit["ram_left_bytes"])
+        + f" (estimated: the runtime's code {fit['code_bytes']:,}, stack {fit['stack_bytes']:,})"
+    )
 
 
 def cmd_predict(args: argparse.Namespace, console: Console, err: Console) -> dict:

@@ -14,6 +14,7 @@ from rich.console import Console
 from cnnpress.cli import commands, compare, files, quantize
 from cnnpress.errors import CnnpressError
 from cnnpress.provenance import ALLOW_DIRTY_HELP
+from cnnpress.runtime.boards import BOARDS
 from cnnpress.runtime.quant import QAT_LR
 from cnnpress.train.distributed import note_rank
 
@@ -94,6 +95,15 @@ def _compress_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--entropy", action="store_true", help="Huffman-code selection indices where smaller"
     )
+    p.add_argument(
+        "--flash", help="flash budget of the C program, e.g. 64KB (settings chosen to fit)"
+    )
+    p.add_argument("--ram", help="RAM budget of the C program, e.g. 16KB (activations chosen)")
+    p.add_argument(
+        "--board",
+        choices=sorted(BOARDS),
+        help="plan for this board: its core, and its flash and RAM unless --flash/--ram say",
+    )
     p.add_argument("--teacher", help="distil from this trained model (.cnnp or run folder)")
     p.add_argument("--kd-temperature", type=float, help="distillation temperature T (4)")
     p.add_argument("--kd-alpha", type=float, help="weight of the soft-target loss (0.9)")
@@ -113,6 +123,9 @@ def _file_commands(sub: Any) -> None:
     p = sub.add_parser("summary", help="per-layer bits, MACs, file bytes and compression ratio")
     p.add_argument("model_file", help="model.cnnp file or run folder")
     p.add_argument("--input-shape", help="C,H,W (default: the dataset's)")
+    p.add_argument(
+        "--board", choices=sorted(BOARDS), help="whether the C program fits this board's memory"
+    )
     p.add_argument("--json", action="store_true")
 
     _quantize_command(sub)
@@ -188,9 +201,7 @@ def _quantize_command(sub: Any) -> None:
         default=0,
         help="quantization-aware fine-tuning on the training split first (default 0: none)",
     )
-    p.add_argument(
-        "--lr", type=float, default=QAT_LR, help=f"fine-tuning learning rate ({QAT_LR})"
-    )
+    p.add_argument("--lr", type=float, default=QAT_LR, help=f"fine-tuning learning rate ({QAT_LR})")
     p.add_argument("--no-eval", action="store_true", help="skip the test accuracy before and after")
     p.add_argument("--threads", type=int)
     p.add_argument("--json", action="store_true")
