@@ -133,6 +133,7 @@ class Board:
     cpu: tuple[str, ...]
     flash_bytes: int
     ram_bytes: int
+    core: str  # the core of cnnpress.runtime.boards.CODE_BYTES
     real_part: bool = True  # False: a synthetic map, for counting instructions only
 
     @property
@@ -151,6 +152,7 @@ BOARDS = {
             ("-mcpu=cortex-m3", "-mfloat-abi=soft"),
             256 * KIB,
             64 * KIB,
+            "cortex-m3",
         ),
         Board(
             "microbit",
@@ -159,6 +161,7 @@ BOARDS = {
             ("-mcpu=cortex-m0", "-mfloat-abi=soft"),
             256 * KIB,
             16 * KIB,
+            "cortex-m0",
         ),
         Board(
             "netduinoplus2",
@@ -167,6 +170,7 @@ BOARDS = {
             ("-mcpu=cortex-m4", "-mfloat-abi=soft"),
             1024 * KIB,
             128 * KIB,
+            "cortex-m4",
         ),
         Board(
             "netduinoplus2-fpu",
@@ -175,6 +179,7 @@ BOARDS = {
             ("-mcpu=cortex-m4", "-mfloat-abi=hard", "-mfpu=fpv4-sp-d16"),
             1024 * KIB,
             128 * KIB,
+            "cortex-m4f",
         ),
         Board(
             "mps2-an385",
@@ -184,6 +189,7 @@ BOARDS = {
             ("-mcpu=cortex-m3", "-mfloat-abi=soft"),
             4096 * KIB,
             4096 * KIB,
+            "cortex-m3",
             real_part=False,
         ),
     )

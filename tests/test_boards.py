@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import cnnpress
+from cnnpress.runtime.boards import BOARDS, CODE_BYTES, program_memory
 from helpers import load_benchmark
 
 boards = load_benchmark("boards")
@@ -34,14 +35,18 @@ M3, M0, M4, BIG = (
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """The int8 program of a ResNet-20 of width 4 (a 9 KB arena: it fits the micro:bit) and
-    two random images."""
+def tiny_model():
+    """A ResNet-20 of width 4 with int8 activations (a 9 KB arena: it fits the micro:bit)."""
     torch.manual_seed(0)
     model = cnnpress.models.create("resnet20", 1, 10, width=4).eval()
-    q = cnnpress.quantize(model, torch.randn(64, *boards.SHAPE), bits=8)
+    return cnnpress.quantize(model, torch.randn(64, *boards.SHAPE), bits=8)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model, tmp_path_factory):
+    """The int8 program of :func:`tiny_model` and two random images."""
     x = torch.randn(2, *boards.SHAPE).numpy()
-    return boards.program("tiny", q, tmp_path_factory.mktemp("tiny"), x), x
+    return boards.program("tiny", tiny_model, tmp_path_factory.mktemp("tiny"), x), x
 
 
 def run(board, prog, x, ops=0):
@@ -117,3 +122,66 @@ def test_the_synthetic_cortex_m3_runs_the_program_bit_equal_and_counts_as_the_re
     assert big.instructions.mean() == pytest.approx(m3.instructions.mean(), rel=0.02)
     # the same code at the same addresses: equal to the reading of the coarser tick
     assert np.allclose(big.instructions, m3.instructions, rtol=0, atol=2 * m3.per_tick)
+
+
+def test_the_library_knows_each_real_board_of_the_benchmark_with_its_memory_and_core():
+    for b in boards.BOARDS.values():
+        assert b.core in CODE_BYTES, b.name
+        if b.real_part and b.name in BOARDS:
+            part = BOARDS[b.name]
+            assert (part.flash_bytes, part.ram_bytes, part.machine) == (
+                b.flash_bytes,
+                b.ram_bytes,
+                b.machine,
+            )
+    assert BOARDS["netduinoplus2"].core == boards.BOARDS["netduinoplus2-fpu"].core
+
+
+@pytest.mark.parametrize("name", ["lm3s6965evb", "microbit", "netduinoplus2-fpu"])
+def test_the_estimated_flash_and_ram_bound_the_linked_program(tiny_model, tiny, name):
+    prog, _ = tiny
+    board = boards.BOARDS[name]
+    built = boards.build(prog.folder, board, prog.sources)
+    estimate = program_memory(tiny_model, boards.SHAPE, board.core)
+    assert built.sizes["flash_bytes"] <= estimate["flash_bytes"]
+    assert built.sizes["flash_bytes"] > estimate["flash_bytes"] - 2500  # and not far above
+    assert built.sizes["ram_linked_bytes"] <= estimate["ram_bytes"]
+    assert built.sizes["ram_linked_bytes"] > estimate["ram_bytes"] - 300
+
+
+BUDGET_LD = """MEMORY
+{
+    FLASH (rx) : ORIGIN = 0x00000000, LENGTH = %d
+    RAM (rwx)  : ORIGIN = 0x20000000, LENGTH = %d
+}
+STACK_SIZE = 2K;
+INCLUDE sections.ld
+"""
+
+
+def test_a_model_planned_for_a_flash_and_ram_budget_links_within_both(tmp_path):
+    torch.manual_seed(0)
+    net = cnnpress.models.create("resnet20", 1, 10, width=8).eval()
+    flash, ram = 24_000, 24_000  # int8 activations: the float maps alone need 57 KB
+    small = cnnpress.compress(
+        net,
+        "slbf",
+        target_flash=flash,
+        target_ram=ram,
+        input_shape=boards.SHAPE,
+        core="cortex-m3",
+        float_bits=8,
+        fold_batchnorm=True,
+        entropy=True,
+    )
+    assert small.cnnpress_device["activation_bits"] == 8
+    q = cnnpress.quantize(small, torch.randn(64, *boards.SHAPE), bits=8)
+    x = torch.randn(2, *boards.SHAPE).numpy()
+    prog = boards.program("planned", q, tmp_path, x)
+    (tmp_path / "budget.ld").write_text(BUDGET_LD % (flash, ram))
+    part = boards.Board("budget", "budget", "the budget", M3.cpu, flash, ram, "cortex-m3")
+    built = boards.build(tmp_path, part, prog.sources)
+    assert built.fits, built.overflow
+    tighter = boards.Board("tight", "tight", "a smaller budget", M3.cpu, flash, ram, "cortex-m3")
+    (tmp_path / "tight.ld").write_text(BUDGET_LD % (built.sizes["flash_bytes"] - 64, ram))
+    assert not boards.build(tmp_path, tighter, prog.sources).fits  # the linker does enforce it
