@@ -234,7 +234,10 @@ def fit(
     model.train()
     with synced_batchnorm(model, ctx):
         if eval_at_start and not resume:
-            run.history.append(_evaluate_start(model, train_loader, test_loader, cfg, ctx, console))
+            start = _evaluate_start(
+                model, train_loader, test_loader, cfg, ctx, console, method is not None
+            )
+            run.history.append(start)
         for epoch in range(run.start_epoch, cfg.epochs):
             record = _train_epoch(step, run, train_loader, epoch, steps)
             if on_epoch_end is not None:
@@ -403,14 +406,17 @@ def _evaluate_start(
     cfg: TrainConfig,
     ctx: DistContext,
     console: Console,
+    run_method: bool,
 ) -> dict[str, Any]:
-    """The ``epoch: -1`` record: test accuracy before any training (after BN re-estimation)."""
+    """The ``epoch: -1`` record: test accuracy before any training (after BN re-estimation);
+    ``run_method``: the model is a compressed one (its line says so)."""
     recalibrate_batchnorm(model, train_loader, cfg.bn_recalibrate or 50)
     record: dict[str, Any] = {"epoch": -1}
     if ctx.is_main:
         test = evaluate(model, test_loader)
         record.update(test_loss=test["loss"], test_accuracy=test["accuracy"])
-        console.print(f"before training  test {test['accuracy']:.2f}%", **PLAIN)
+        what = "as compressed, before fine-tuning" if run_method else "before training"
+        console.print(f"{what}  test {test['accuracy']:.2f}%", **PLAIN)
     model.train()
     return record
 
