@@ -57,9 +57,10 @@ missing::
 
     python benchmarks/boards.py --out benchmarks/results/boards.json --check-images 200
 
-``--table PATH`` prints the README's tables of a results file (markdown): every row's fits,
-flash, RAM, instructions and accuracy, and the per-layer instructions of the SLBF and dense
-int8 programs on the mps2-an385. README.md holds them after the comment (``MARKER``)::
+``--table PATH`` prints the docs/results.md tables of a results file (markdown): every row's
+fits, flash, RAM, instructions and accuracy, and the per-layer instructions of the SLBF and
+dense int8 programs on the mps2-an385. docs/results.md holds them after the comment
+(``MARKER``)::
 
     <!-- boards tables: python benchmarks/boards.py --table benchmarks/results/boards.json -->
 
@@ -657,7 +658,7 @@ def checked(row: dict) -> str:
     return f"; {same} to PyTorch on {row['check_images']}"
 
 
-# -- the README's tables ----------------------------------------------------------------------
+# -- the tables of docs/results.md ------------------------------------------------------------
 def _fits(row: dict) -> str:
     if row["fits"]:
         return "yes"
@@ -675,7 +676,7 @@ def _count(row: dict) -> str:
 
 
 def tables(path: str) -> str:
-    """The README's tables (markdown) from a results file of this script: a row per board,
+    """The tables of docs/results.md (markdown) from a results file of this script: a row per
     model and activations; then the per-layer instructions of the SLBF and dense int8
     programs on the mps2-an385 (a column per model)."""
     rows = json.loads(Path(path).read_text())["rows"]
@@ -745,7 +746,9 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=600, help="seconds per QEMU run")
     parser.add_argument("--out", default=None)
     parser.add_argument("--allow-dirty", action="store_true", help=ALLOW_DIRTY_HELP)
-    parser.add_argument("--table", default=None, help="print the README tables of a result")
+    parser.add_argument(
+        "--table", default=None, help="print the docs/results.md tables of a result"
+    )
     args = parser.parse_args()
     if args.table:
         print(tables(args.table))

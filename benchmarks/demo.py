@@ -1,4 +1,4 @@
-"""The README's demo, measured: what ``make demo`` runs, timed, and its files measured.
+"""The demo (docs/results.md), measured: what ``make demo`` runs, timed, and its files measured.
 
 ``make demo`` runs ``cnnpress compress --recipe recipes/demo.yaml --out runs/demo`` and then
 ``cnnpress summary runs/demo``. This script runs the same two commands (as

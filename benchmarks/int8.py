@@ -217,7 +217,7 @@ def _qat(row: dict, bits: int) -> str:
 
 
 def tables(path: str) -> str:
-    """The README's tables (markdown) from a results file of this script."""
+    """The tables of docs/results.md (markdown) from a results file of this script."""
     rows = json.loads(Path(path).read_text())["rows"]
     out = [
         "| model | `.cnnp` bytes | float | float, int8 floats | int8 PTQ | int8 QAT "
@@ -264,7 +264,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="threads for the accuracies")
     parser.add_argument("--out", default=None)
     parser.add_argument("--allow-dirty", action="store_true", help=ALLOW_DIRTY_HELP)
-    parser.add_argument("--table", default=None, help="print the README tables of a result")
+    parser.add_argument(
+        "--table", default=None, help="print the docs/results.md tables of a result"
+    )
     args = parser.parse_args()
     if args.table:
         print(tables(args.table))

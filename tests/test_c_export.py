@@ -200,7 +200,7 @@ def test_the_slbf_tile_is_the_same_in_c_and_python():
 
 
 class MyNet(nn.Module):
-    """The README's user network: not in the registry."""
+    """The guide's user network (docs/guide.md): not in the registry."""
 
     def __init__(self):
         super().__init__()

@@ -1,10 +1,10 @@
 """The method contract, run over every registered method.
 
 The contract is stated in the module docstring of ``cnnpress.methods.base``
-(src/cnnpress/methods/base.py) and in the README's "Methods" section. A new method inherits
-all of it: forward shape, gradients for every trainable parameter, no NaN, config round trip,
-pack -> unpack gives the same outputs, stored bits equal the bytes written (to byte rounding
-per array), and the file is smaller than fp32.
+(src/cnnpress/methods/base.py) and in the "Methods" section of docs/reference.md. A new method
+inherits all of it: forward shape, gradients for every trainable parameter, no NaN, config round
+trip, pack -> unpack gives the same outputs, stored bits equal the bytes written (to byte
+rounding per array), and the file is smaller than fp32.
 """
 
 from __future__ import annotations

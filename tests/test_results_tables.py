@@ -1,7 +1,7 @@
-"""The README's integer-inference tables are what ``benchmarks/int8.py --table`` makes of the
-committed ``benchmarks/results/int8.json``, row for row; its boards tables, after their marker
-comment, what ``benchmarks/boards.py --table`` makes of ``benchmarks/results/boards.json``
-(once it is committed)."""
+"""The integer-inference tables of the results page (docs/results.md) are what
+``benchmarks/int8.py --table`` makes of the committed ``benchmarks/results/int8.json``, row for
+row; its boards tables, after their marker comment, what ``benchmarks/boards.py --table`` makes
+of ``benchmarks/results/boards.json`` (once it is committed)."""
 
 from __future__ import annotations
 
@@ -13,24 +13,25 @@ import pytest
 from helpers import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS_PAGE = ROOT / "docs" / "results.md"
 
 
-def test_the_readme_holds_the_int8_tables_of_the_committed_json():
+def test_the_results_page_holds_the_int8_tables_of_the_committed_json():
     tables = load_benchmark("int8").tables(str(ROOT / "benchmarks" / "results" / "int8.json"))
     assert tables.count("\n| ") >= 5  # two tables (headers, rules), two rows each
-    assert tables in (ROOT / "README.md").read_text()
+    assert tables in RESULTS_PAGE.read_text()
 
 
 BOARDS_JSON = ROOT / "benchmarks" / "results" / "boards.json"
 
 
 @pytest.mark.skipif(not BOARDS_JSON.exists(), reason="no boards results committed yet")
-def test_the_readme_holds_the_boards_tables_of_the_committed_json():
+def test_the_results_page_holds_the_boards_tables_of_the_committed_json():
     boards = load_benchmark("boards")
     tables = boards.tables(str(BOARDS_JSON))
-    readme = (ROOT / "README.md").read_text()
-    assert boards.MARKER in readme
-    assert tables in readme.split(boards.MARKER, 1)[1]
+    page = RESULTS_PAGE.read_text()
+    assert boards.MARKER in page
+    assert tables in page.split(boards.MARKER, 1)[1]
 
 
 def test_the_boards_tables_show_the_overflow_and_the_layers_of_the_synthetic_m3(tmp_path):
