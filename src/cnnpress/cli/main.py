@@ -12,6 +12,7 @@ from typing import Any, NoReturn
 from rich.console import Console
 
 from cnnpress.cli import commands, compare, files, quantize
+from cnnpress.cli.predict import FORMATS
 from cnnpress.errors import CnnpressError
 from cnnpress.provenance import ALLOW_DIRTY_HELP
 from cnnpress.runtime.boards import BOARDS
@@ -130,12 +131,12 @@ def _file_commands(sub: Any) -> None:
 
     _quantize_command(sub)
 
-    p = sub.add_parser("predict", help="classify images (IDX, .npy or PNG) with a model file")
+    p = sub.add_parser("predict", help="classify images (IDX, .npy, PNG, JPEG) with a model file")
     p.add_argument("model_file", help="model.cnnp file or run folder")
     p.add_argument(
         "input",
         nargs="+",
-        help="images: IDX (N x H x W), .npy (N, [C,] H, W), PNG files, or folders of PNGs",
+        help=f"images: {FORMATS}",
     )
     p.add_argument("--limit", type=int, default=20, help="rows to print")
     p.add_argument("--json", action="store_true")

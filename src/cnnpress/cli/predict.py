@@ -1,5 +1,5 @@
-"""Read images for ``cnnpress predict``: IDX, .npy, PNG files or folders of PNGs, checked
-against the model's input."""
+"""Read images for ``cnnpress predict``: IDX, .npy, PNG or JPEG files, or folders of PNG and
+JPEG images, checked against the model's input."""
 
 from __future__ import annotations
 
@@ -7,12 +7,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 
 from cnnpress.data import DatasetSpec, normalize
 from cnnpress.data.idx import read_idx
 from cnnpress.errors import CnnpressError
 
-__all__ = ["read_images", "read_inputs"]
+__all__ = ["FORMATS", "IMAGE_SUFFIXES", "read_images", "read_inputs"]
+
+#: The files of images that Pillow reads, by suffix (a folder's images are these).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+#: The first bytes of a PNG and of a JPEG file (read as images whatever their suffix).
+_IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff")
+#: What ``predict`` reads, in words (for the messages).
+FORMATS = "IDX (N x H x W), .npy (N, [C,] H, W), PNG or JPEG files, or folders of PNG/JPEG"
 
 
 def _as_nchw(arr: np.ndarray, spec: DatasetSpec, path: Path) -> np.ndarray:
@@ -87,15 +95,8 @@ def read_images(path: str | Path, spec: DatasetSpec) -> torch.Tensor:
     if not path.is_file():
         raise CnnpressError(f"{path}: no such file")
     name = path.name.lower()
-    if name.endswith(".png"):
-        from PIL import Image, UnidentifiedImageError
-
-        try:
-            with Image.open(path) as img:
-                img = img.convert("L" if spec.in_channels == 1 else "RGB")
-                arr = np.asarray(img)
-        except (UnidentifiedImageError, OSError) as err:
-            raise CnnpressError(f"{path}: not a readable PNG ({err})") from None
+    if name.endswith(IMAGE_SUFFIXES) or _starts_as_image(path):
+        arr = _picture(path, spec)
     elif name.endswith(".npy"):
         try:
             arr = np.load(path, allow_pickle=False)
@@ -103,15 +104,34 @@ def read_images(path: str | Path, spec: DatasetSpec) -> torch.Tensor:
             raise CnnpressError(f"{path}: not a readable .npy array ({err})") from None
         arr = _pixels(arr, path)
     else:
-        arr = read_idx(path)
+        try:
+            arr = read_idx(path)
+        except CnnpressError as err:
+            raise CnnpressError(f"{err}; predict reads {FORMATS}") from None
     images = torch.from_numpy(np.array(_as_nchw(arr, spec, path), dtype=np.uint8))
     return normalize(images, spec.mean, spec.std)
+
+
+def _starts_as_image(path: Path) -> bool:
+    """Whether the file begins as a PNG or a JPEG does."""
+    with path.open("rb") as f:
+        return f.read(4).startswith(_IMAGE_MAGIC)
+
+
+def _picture(path: Path, spec: DatasetSpec) -> np.ndarray:
+    """The pixels of a PNG or JPEG file, as the model's channels (grey or RGB)."""
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("L" if spec.in_channels == 1 else "RGB"))
+    except (UnidentifiedImageError, OSError) as err:
+        raise CnnpressError(f"{path}: not a readable PNG or JPEG image ({err})") from None
 
 
 def read_inputs(
     paths: list[str | Path], spec: DatasetSpec
 ) -> tuple[torch.Tensor, list[tuple[str, int]]]:
-    """Every image of ``paths`` (files, or folders whose ``*.png`` are read in name order).
+    """Every image of ``paths`` (files, or folders whose PNG and JPEG images are read in name
+    order).
 
     Returns:
         The normalised images (N, C, H, W) and, per image, its file and index in that file.
@@ -119,10 +139,10 @@ def read_inputs(
     files: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
-            pngs = sorted(p for p in path.iterdir() if p.suffix.lower() == ".png")
-            if not pngs:
-                raise CnnpressError(f"{path}: a folder with no .png images")
-            files += pngs
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise CnnpressError(f"{path}: a folder with no .png or .jpg images")
+            files += found
         else:
             files.append(path)
     batches, sources = [], []
