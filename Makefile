@@ -28,12 +28,12 @@ demo: setup data
 # The whole test suite (slow real-data tests included; they run with small settings).
 test: setup data
 	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/lint-imports
+	$(BIN)/lint-imports --no-logo
 	$(BIN)/python -m pytest -q
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/lint-imports
+	$(BIN)/lint-imports --no-logo
 	$(BIN)/ruff format --check src tests benchmarks
 
 clean:
