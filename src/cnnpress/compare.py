@@ -377,7 +377,8 @@ def run_comparison(
             returns its result record.
         measure: Measures the finished runs side by side; returns one record per run.
             ``None``: train only (for example one share of the runs per process).
-        only: Train only these runs (by name); the others must be finished to be measured.
+        only: Train only these runs (by name); of the others, the finished ones are measured
+            and the rest are named in ``missing`` (a partial report).
 
     Raises:
         ConfigError: ``only`` names an unknown run, or a run folder holds a run made with
@@ -407,14 +408,15 @@ def run_comparison(
     missing = [n for n in names if n not in {d[0] for d in done}]
     if measure is None:
         return {"recipe": str(recipe_path), "trained": [d[0] for d in done], "missing": missing}
-    if missing:
-        raise ConfigError(f"runs not finished yet: {', '.join(missing)}; train them first")
+    if not done:
+        raise ConfigError(f"no run of {recipe_path} is finished yet; train some first")
     return {
         "recipe": str(recipe_path),
         "name": recipe.get("name", Path(recipe_path).stem),
         "description": recipe.get("description"),
         "out": recipe["out"],
         "runs": measure(done),
+        "missing": missing,
     }
 
 
@@ -452,6 +454,8 @@ def write_report(result: dict[str, Any], folder: str | Path) -> dict[str, Path]:
             "",
         ]
     lines += [table(result["runs"]), ""]
+    if result.get("missing"):
+        lines += [f"Not finished, so not in this report: {', '.join(result['missing'])}.", ""]
     paths["markdown"].write_text("\n".join(lines))
     plot(result["runs"], paths["plot"], result["name"])
     return paths

@@ -56,6 +56,8 @@ def cmd_compare(args: argparse.Namespace, console: Console, err: Console) -> dic
     paths = write_report(result, args.report or result["out"])
     if not args.json:
         _print_comparison(console, result["runs"])
+        if result["missing"]:
+            console.print(f"not finished, not reported: {', '.join(result['missing'])}", **PLAIN)
         console.print("wrote " + ", ".join(str(p) for p in paths.values()), **PLAIN)
     return result
 
