@@ -70,6 +70,7 @@ from cnnpress.methods.base import (
     select_layers,
     to_numpy,
 )
+from cnnpress.methods.cache import DerivedWeightLayer
 from cnnpress.quantizers import binary_sign, sign_ste
 
 __all__ = [
@@ -93,7 +94,7 @@ def _sign(t: torch.Tensor) -> torch.Tensor:
     return sign_ste(t) if torch.is_grad_enabled() and t.requires_grad else binary_sign(t)
 
 
-class _BinaryBase(nn.Module):
+class _BinaryBase(DerivedWeightLayer):
     """Latent weights, scales and bias shared by the conv and linear binary layers."""
 
     def __init__(
@@ -291,7 +292,7 @@ class BinaryConv2d(_BinaryBase):
             k = self._conv(x.abs().mean(dim=1, keepdim=True), box)  # N, 1, H_out, W_out
             y = self._conv(_sign(x), _sign(self.weight)) * k * self.alpha().view(1, -1, 1, 1)
         else:
-            y = self._conv(x, self.binary_weight())
+            y = self._conv(x, self.derived_weight(self.binary_weight))
         return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
 
     def extra_repr(self) -> str:
@@ -337,7 +338,7 @@ class BinaryLinear(_BinaryBase):
             k = x.abs().mean(dim=-1, keepdim=True)
             y = F.linear(_sign(x), _sign(self.weight).flatten(1)) * k * self.alpha()
             return y if self.bias is None else y + self.bias
-        return F.linear(x, self.binary_weight().flatten(1), self.bias)
+        return F.linear(x, self.derived_weight(self.binary_weight).flatten(1), self.bias)
 
 
 def _check_bool(config: Any, *names: str) -> None:

@@ -32,6 +32,7 @@ from torch import nn
 from cnnpress.errors import ConfigError
 from cnnpress.geometry import out_hw
 from cnnpress.methods.base import CTarget, config_from_dict
+from cnnpress.methods.cache import DerivedWeightLayer
 
 __all__ = [
     "MAX_GAP_BITS",
@@ -169,7 +170,7 @@ def check_sparse_layout(value: Any) -> None:
             )
 
 
-class SparseLayer(nn.Module):
+class SparseLayer(DerivedWeightLayer):
     """A conv or linear layer that computes with a rebuilt dense weight, maybe masked.
 
     Subclasses define :meth:`dense_weight`. The geometry is copied from ``source``; conv
@@ -208,7 +209,7 @@ class SparseLayer(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dense_weight()
+        w = self.derived_weight(self.dense_weight)
         if not self.is_conv:
             return F.linear(x, w, self.bias)
         padding = self.padding
