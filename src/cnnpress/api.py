@@ -47,8 +47,8 @@ def compress(
         target_ram: A RAM budget of the C program: arena, stack, input and logits buffers.
         core: The core the budgets are for (``cnnpress.runtime.boards.CODE_BYTES``).
         input_shape: (C, H, W) of the inputs, for the RAM (default: the recorded data set's).
-        activation_bits: With a budget: 8 keeps int8 activations; default: the widest
-            activations (float32, then int8) whose program fits.
+        activation_bits: With a budget: plan for these activations (8 or 4); default: the
+            widest activations (float32, then int8) whose program fits.
         **settings: The method's config fields (for SLBF ``slice_channels``, ``num_filters``,
             ``scale``, ``include_first``, ``include_linear``, ``layers``, or a size budget
             ``target_size`` / ``target_ratio`` that ``cnnpress.budget`` turns into those).
@@ -87,7 +87,8 @@ class _Device:
 
     def fits(self, memory: dict[str, Any]) -> bool:
         inf = float("inf")
-        return fit_budget(memory, self.flash or inf, self.ram or inf)["fits"]
+        flash, ram = (inf if v is None else v for v in (self.flash, self.ram))
+        return fit_budget(memory, flash, ram)["fits"]
 
 
 def _recorded_shape(model: nn.Module) -> tuple[int, int, int]:
@@ -101,8 +102,8 @@ def _fit_device(
     model: nn.Module, method: str, config: Any, device: _Device, options: tuple
 ) -> nn.Module:
     """The first activation width of ``options`` whose program fits ``device``, with the
-    method's largest settings that fit its flash. The RAM hardly depends on the method's
-    settings, so a width whose smallest program does not fit is not searched."""
+    method's largest settings that fit its flash; a width whose smallest program does not fit
+    is not searched (larger settings only add flash and scratch)."""
     sized = (
         hasattr(config, "target_size")
         and config.target_size is None

@@ -2,7 +2,8 @@
 
 A run's settings are one dict (a recipe resolved against the command line: ``model``,
 ``model_args``, ``data``, ``data_dir``, ``data_options``, ``train``, ``method``,
-``method_config``, ``init``, ``distill``, ``out``, ``activations``). :func:`train_run` builds
+``method_config``, ``init``, ``distill``, ``out``, ``activations``, ``device``: a flash and
+RAM budget of the C program, planned by ``cnnpress.compress``). :func:`train_run` builds
 the model, compresses it, trains it in ``out`` (resumable per epoch,
 :mod:`cnnpress.train.loop`), gives it integer activations where ``activations`` asks
 (:func:`cnnpress.quantize`), saves ``model.cnnp`` and writes ``result.json``; the CLI only
