@@ -13,10 +13,11 @@ import cnnpress
 from cnnpress.api import load_model
 from cnnpress.data import Loader, load_dataset
 from cnnpress.errors import ConfigError
+from cnnpress.methods import get as get_method
 from cnnpress.train import loop
 from cnnpress.train.checkpoint import CheckpointError, read_meta
 from cnnpress.train.config import TrainConfig
-from cnnpress.train.loop import fit, lr_at, recalibrate_batchnorm
+from cnnpress.train.loop import fit, lr_at, make_optimizer, recalibrate_batchnorm
 
 
 def loaders(seed: int = 0):
@@ -205,3 +206,18 @@ def test_a_log_gets_plain_progress_lines_and_a_terminal_none_of_them(tmp_path, m
     console = Console(file=term, force_terminal=True)
     fit(net, train, test, cfg, tmp_path / "term", console=console)
     assert " step " not in term.getvalue()
+
+
+def test_a_methods_no_decay_parameters_get_no_weight_decay_and_its_report_is_its_own():
+    torch.manual_seed(0)
+    xnor = cnnpress.compress(cnnpress.models.create("lenet5", 1, 4), "xnor")
+    cfg = TrainConfig(weight_decay=5e-4)
+    groups = make_optimizer(xnor, cfg, get_method("xnor").no_decay).param_groups
+    shifts = {id(p) for n, p in xnor.named_parameters() if n.endswith(".shift")}
+    free = [g for g in groups if g["weight_decay"] == 0.0]
+    assert shifts and len(free) == 1 and {id(p) for p in free[0]["params"]} == shifts
+    assert len(make_optimizer(xnor, cfg).param_groups) == 1  # no names: everything decays
+    slbf = slbf_net()
+    usage = get_method("slbf")().report(slbf)["bank_usage"]
+    assert len(usage) == 18 and all(1 <= u["bank_used"] <= u["num_filters"] for u in usage)
+    assert get_method("bwn")().report(xnor) == {}

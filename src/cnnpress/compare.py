@@ -219,8 +219,9 @@ def plot(records: list[dict[str, Any]], path: str | Path, title: str) -> None:
 def _plot_ratio(ax: Any, records: list[dict[str, Any]], title: str) -> None:
     points = [(r["ratio"], r["accuracy"]) for r in records]
     front = pareto_front(points)
+    methods = sorted({r["method"] for r in records})
     for r in records:
-        color = "tab:red" if r["method"] == "slbf" else "tab:blue"
+        color = f"C{methods.index(r['method']) % 10}"  # one colour per method
         ax.scatter(r["ratio"], r["accuracy"], s=40, zorder=3, color=color)
         ax.annotate(
             r["run"],

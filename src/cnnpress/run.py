@@ -33,7 +33,6 @@ from cnnpress.errors import CnnpressError, ConfigError
 from cnnpress.format import read_info
 from cnnpress.methods import get as get_method
 from cnnpress.methods.distill import make_kd_loss
-from cnnpress.methods.slbf import describe
 from cnnpress.pretrained import resolve
 from cnnpress.provenance import provenance
 from cnnpress.runtime.boards import fit_budget, program_memory
@@ -361,6 +360,6 @@ def _record(
         "stored_bits": totals["stored_bits"],
         "fp32_bits": totals["fp32_bits"],
     }
-    if cfg.get("method") == "slbf":
-        record["bank_usage"] = describe(model)
+    if cfg.get("method"):
+        record.update(get_method(cfg["method"])().report(getattr(model, "float_model", model)))
     return record

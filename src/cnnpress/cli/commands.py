@@ -20,6 +20,8 @@ from rich.table import Table
 
 from cnnpress.budget import parse_size
 from cnnpress.errors import CnnpressError, ConfigError
+from cnnpress.methods import get as get_method
+from cnnpress.methods import names
 from cnnpress.run import read_run, train_run
 from cnnpress.runtime.boards import CODE_BYTES, board
 from cnnpress.train.config import TrainConfig
@@ -188,8 +190,8 @@ def resolve_config(args: argparse.Namespace, with_method: bool) -> dict[str, Any
                 raise ConfigError("--no-kd turns distillation off; drop --teacher/--kd-* with it")
             kd = {}
             cfg.pop("distill", None)
-        elif not kd.get("teacher") and cfg.get("method") == "slbf" and cfg.get("init"):
-            kd["teacher"] = cfg["init"]  # SLBF from trained weights: KD from them by default
+        elif not kd.get("teacher") and cfg.get("init") and _distils_from_init(cfg["method"]):
+            kd["teacher"] = cfg["init"]  # from trained weights: KD from them by default
         if kd:
             if not kd.get("teacher"):
                 raise ConfigError("--kd-temperature/--kd-alpha need --teacher FILE")
@@ -215,6 +217,11 @@ def resolve_config(args: argparse.Namespace, with_method: bool) -> dict[str, Any
     cfg.setdefault("out", f"runs/{cfg['model']}-{cfg.get('method', 'fp32')}")
     _activation_settings(cfg, args)
     return cfg
+
+
+def _distils_from_init(method: str | None) -> bool:
+    """Whether ``method`` (a registered name) distils from the weights it starts from."""
+    return method in names() and get_method(method).distil_from_init
 
 
 def _activation_settings(cfg: dict[str, Any], args: argparse.Namespace) -> None:

@@ -316,6 +316,11 @@ class Method:
     #: The C conv kernel's weight kinds (:attr:`CTarget.weight_kinds`) the method's layers
     #: lower to; empty (default): the C export has no kernel for its layers.
     c_kinds: ClassVar[tuple[str, ...]] = ()
+    #: Parameter names (the last part of a parameter's name) that take no weight decay.
+    no_decay: ClassVar[tuple[str, ...]] = ()
+    #: Whether a run that compresses trained weights (``--init``) distils from them unless
+    #: told otherwise (``--no-kd``).
+    distil_from_init: ClassVar[bool] = False
 
     def resolve(self, model: nn.Module, config: Any) -> Any:
         """Fill data-dependent decisions into the config before :meth:`convert`.
@@ -379,6 +384,11 @@ class Method:
     def regulariser(self, model: nn.Module) -> Any | None:
         """A term added to the training loss each step (a scalar tensor), or ``None``."""
         return None
+
+    def report(self, model: nn.Module) -> dict[str, Any]:
+        """What a run's ``result.json`` records of the trained layers beyond sizes (for
+        example SLBF's bank usage per layer). Default: nothing."""
+        return {}
 
     # -- deployment: the exports (cnnpress.runtime) lower each layer through these -----------
     def c_weights(self, layer: nn.Module, target: CTarget) -> dict[str, Any] | str | None:

@@ -537,3 +537,4 @@ class XNOR(_BinaryMethod):
 
     name = "xnor"
     Config = XNORConfig
+    no_decay = ("shift",)  # the input thresholds: weight decay pulls them to 0

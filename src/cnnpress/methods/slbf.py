@@ -367,6 +367,11 @@ class SLBF(Method):
     layer_types = (SLBFConv2d, SLBFLinear)
     represents = PLAIN_CONV  # groups 1, zero padding
     c_kinds = ("slbf",)
+    distil_from_init = True  # the bank starts far from the trained filters: KD helps most
+
+    def report(self, model: nn.Module) -> dict[str, Any]:
+        """The bank usage of every layer (:func:`describe`)."""
+        return {"bank_usage": describe(model)}
 
     def convert(self, model: nn.Module, config: SLBFConfig) -> nn.Module:
         batchnorms = following_batchnorm(model)

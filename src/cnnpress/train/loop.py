@@ -49,15 +49,16 @@ PLAIN: dict[str, bool] = {"markup": False, "highlight": False, "soft_wrap": True
 #: The files of a run folder (each written atomically).
 RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoint.safetensors", "model.cnnp", "result.json")
 
-NO_DECAY_NAMES = ("shift",)  # XNOR-Net's input thresholds: decay pulls them to 0
 
-
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """SGD or Adam; XNOR-Net's input thresholds get no weight decay."""
+def make_optimizer(
+    model: nn.Module, cfg: TrainConfig, no_decay_names: tuple[str, ...] = ()
+) -> torch.optim.Optimizer:
+    """SGD or Adam; the parameters called one of ``no_decay_names`` (the last part of their
+    name: a method's ``no_decay``) get no weight decay."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if name.rsplit(".", 1)[-1] in NO_DECAY_NAMES else decay).append(p)
+            (no_decay if name.rsplit(".", 1)[-1] in no_decay_names else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
@@ -215,13 +216,12 @@ def fit(
         other than 0 the history is empty.
     """
     ctx = dist or current()
-    console = console or Console(stderr=True)
-    if not ctx.is_main:
-        console = Console(stderr=True, quiet=True)
+    quiet = not ctx.is_main  # one rank prints
+    console = Console(stderr=True, quiet=True) if quiet else console or Console(stderr=True)
     run = _Run(Path(run_dir), cfg, ctx, console, extra_meta or {})
     run_on_main(lambda: _prepare(run.dir), ctx, f"preparing {run.dir}")
     model.to(ctx.device)
-    optimizer = make_optimizer(model, cfg)
+    optimizer = make_optimizer(model, cfg, method.no_decay if method is not None else ())
     steps = _steps(train_loader, cfg, ctx)
     if resume:
         run.resume(model, optimizer)
@@ -234,10 +234,8 @@ def fit(
     model.train()
     with synced_batchnorm(model, ctx):
         if eval_at_start and not resume:
-            start = _evaluate_start(
-                model, train_loader, test_loader, cfg, ctx, console, method is not None
-            )
-            run.history.append(start)
+            at = (train_loader, test_loader, cfg, ctx, console, method is not None)
+            run.history.append(_evaluate_start(model, *at))
         for epoch in range(run.start_epoch, cfg.epochs):
             record = _train_epoch(step, run, train_loader, epoch, steps)
             if on_epoch_end is not None:
