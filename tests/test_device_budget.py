@@ -19,6 +19,7 @@ from cnnpress.runtime.boards import (
     CODE_BYTES,
     STACK_BYTES,
     board_fit,
+    fit_budget,
     program_memory,
 )
 
@@ -135,3 +136,11 @@ def test_compress_with_flash_and_ram_trains_the_planned_program_and_records_its_
     assert program_memory(saved, (1, 16, 16)) == {k: program[k] for k in program_memory(saved)}
     code, _, err = run(capsys, "compress", "--out", str(out), "--resume", "--threads", "1")
     assert code == 0 and "resuming" in err
+
+
+def test_a_budget_without_a_ram_limit_leaves_it_out_as_none():
+    memory = {"flash_bytes": 1000, "ram_bytes": 10**9}
+    fit = fit_budget(memory, 1500, None)
+    assert fit == {"fits": True, "flash_left_bytes": 500, "ram_left_bytes": None}
+    assert fit_budget(memory, 900, None)["fits"] is False
+    json.dumps(fit, allow_nan=False)  # result.json stays JSON

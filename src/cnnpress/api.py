@@ -86,9 +86,7 @@ class _Device:
     shape: tuple[int, int, int]
 
     def fits(self, memory: dict[str, Any]) -> bool:
-        inf = float("inf")
-        flash, ram = (inf if v is None else v for v in (self.flash, self.ram))
-        return fit_budget(memory, flash, ram)["fits"]
+        return fit_budget(memory, self.flash, self.ram)["fits"]
 
 
 def _recorded_shape(model: nn.Module) -> tuple[int, int, int]:

@@ -321,10 +321,8 @@ def train_run(
 def _program_fit(model: nn.Module, spec: DatasetSpec, device: dict[str, Any]) -> dict[str, Any]:
     """The C program's flash and RAM of the saved model on the device's core, and whether
     it fits the device's budget."""
-    inf = float("inf")
     memory = program_memory(model, (spec.in_channels, *spec.image_size), device["core"])
-    flash, ram = device.get("flash"), device.get("ram")
-    limits = (inf if flash is None else parse_size(flash), inf if ram is None else parse_size(ram))
+    limits = [None if device.get(k) is None else parse_size(device[k]) for k in ("flash", "ram")]
     return {**memory, **fit_budget(memory, *limits)}
 
 

@@ -16,8 +16,8 @@ core and activation type: ``.text`` of the linked program minus :func:`c_memory`
 ``--gc-sections``, newlib-nano, with the benchmark's start-up, semihosting I/O and counter:
 what a minimal application adds): the most measured over ResNet-20, LeNet-5, MobileNetV2
 and ShuffleNetV2, each dense, SLBF and k-means (the code varies by about 2 KiB with the
-kernels a model links), plus about 500 bytes. ``tests/test_boards.py`` checks that it bounds the
-linked programs where the toolchain is present. It is an upper bound of an estimate; the
+kernels a model links), plus about 500 bytes. ``tests/test_boards.py`` checks that it
+bounds the linked programs where the toolchain is present. It is an upper bound of an estimate; the
 linker's map is the truth, and ``benchmarks/boards.py`` links.
 """
 
@@ -118,13 +118,15 @@ def program_memory(
     }
 
 
-def fit_budget(memory: dict[str, Any], flash_bytes: int, ram_bytes: int) -> dict[str, Any]:
-    """Whether a :func:`program_memory` fits ``flash_bytes`` and ``ram_bytes``, and the bytes
-    left in each (negative: over by that many)."""
-    flash_left = flash_bytes - memory["flash_bytes"]
-    ram_left = ram_bytes - memory["ram_bytes"]
+def fit_budget(
+    memory: dict[str, Any], flash_bytes: int | None, ram_bytes: int | None
+) -> dict[str, Any]:
+    """Whether a :func:`program_memory` fits ``flash_bytes`` and ``ram_bytes`` (``None``: no
+    limit), and the bytes left in each (negative: over by that many; ``None``: no limit)."""
+    flash_left = None if flash_bytes is None else flash_bytes - memory["flash_bytes"]
+    ram_left = None if ram_bytes is None else ram_bytes - memory["ram_bytes"]
     return {
-        "fits": flash_left >= 0 and ram_left >= 0,
+        "fits": all(left is None or left >= 0 for left in (flash_left, ram_left)),
         "flash_left_bytes": flash_left,
         "ram_left_bytes": ram_left,
     }
