@@ -35,6 +35,11 @@ train: {epochs: 3, batch_size: 32, lr: 0.05, bn_recalibrate: 2}
 #: gradient is the mean of two half-batch means, BatchNorm's sums are all-reduced), so the
 #: weights agree to float32 rounding grown over the steps (~1e-6 seen), not bit for bit.
 ATOL = 1e-4
+#: The optimiser's momentum buffers are sums of gradients, which amplify that rounding: their
+#: norms agree to 0.08-0.16% on this machine (up to 5e-4 in absolute value on values up to
+#: 0.45), far from what a real difference makes (half the batch, a gradient not averaged:
+#: tens of percent).
+MOMENTUM_RTOL = 1e-2
 
 
 def free_port() -> int:
@@ -87,7 +92,9 @@ def test_two_processes_match_one_process_with_the_same_global_batch(single, ddp)
     b = load_file(str(out / "checkpoint.safetensors"))
     assert a.keys() == b.keys()
     for key in a:
-        if a[key].is_floating_point() and key != "rng.torch":
+        if key.endswith("momentum_buffer"):
+            assert (b[key] - a[key]).norm() <= MOMENTUM_RTOL * a[key].norm(), key
+        elif a[key].is_floating_point() and key != "rng.torch":
             torch.testing.assert_close(b[key], a[key], atol=ATOL, rtol=0, msg=key)
         else:
             assert torch.equal(a[key], b[key]), key
