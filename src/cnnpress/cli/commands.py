@@ -224,6 +224,15 @@ def _distils_from_init(method: str | None) -> bool:
     return method in names() and get_method(method).distil_from_init
 
 
+def _refuse_unknown(what: str, settings: dict[str, Any], valid: tuple[str, ...]) -> None:
+    """One line naming the settings of ``what:`` that are not among ``valid``."""
+    unknown = sorted(str(k) for k in settings if k not in valid)
+    if unknown:
+        raise ConfigError(
+            f"unknown {what} setting(s) {', '.join(unknown)}; valid: {', '.join(valid)}"
+        )
+
+
 def _activation_settings(cfg: dict[str, Any], args: argparse.Namespace) -> None:
     """``activations:`` with ``--activation-bits`` and ``--qat-epochs`` over it, checked and
     completed (``observer`` mse, no fine-tuning), or removed when neither asks for it."""
@@ -235,12 +244,7 @@ def _activation_settings(cfg: dict[str, Any], args: argparse.Namespace) -> None:
     if not acts:
         cfg.pop("activations", None)
         return
-    unknown = sorted(str(k) for k in acts if k not in _ACTIVATION_KEYS)
-    if unknown:
-        raise ConfigError(
-            f"unknown activations setting(s) {', '.join(unknown)}; valid: "
-            f"{', '.join(_ACTIVATION_KEYS)}"
-        )
+    _refuse_unknown("activations", acts, _ACTIVATION_KEYS)
     acts = {"bits": 8, "observer": "mse", "finetune_epochs": 0, **acts}
     if isinstance(acts["bits"], bool) or acts["bits"] not in (8, 4):
         raise ConfigError(f"activations bits must be 8 or 4, got {acts['bits']!r}")
@@ -264,11 +268,7 @@ def _device_settings(cfg: dict[str, Any], args: argparse.Namespace) -> None:
     if not device:
         cfg.pop("device", None)
         return
-    unknown = sorted(str(k) for k in device if k not in _DEVICE_KEYS)
-    if unknown:
-        raise ConfigError(
-            f"unknown device setting(s) {', '.join(unknown)}; valid: {', '.join(_DEVICE_KEYS)}"
-        )
+    _refuse_unknown("device", device, _DEVICE_KEYS)
     if device.get("flash") is None and device.get("ram") is None:
         raise ConfigError("a device budget needs flash or ram (e.g. --flash 64KB --ram 16KB)")
     for key in ("flash", "ram"):
