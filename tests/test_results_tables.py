@@ -66,3 +66,12 @@ def test_the_boards_tables_show_the_overflow_and_the_layers_of_the_synthetic_m3(
         "| sum of the layers | 1,020 | 20 |",
         "| per inference (built without the hook) | 1,030 | 530 |",
     ]
+
+
+def test_the_results_page_states_the_demo_figures_of_the_committed_json():
+    demo = json.loads((ROOT / "benchmarks" / "results" / "demo.json").read_text())
+    page = (ROOT / "docs" / "results.md").read_text()
+    fp32, small = demo["fp32"], demo["compressed"]
+    assert f"{fp32['test_accuracy']:.2f}% -> {small['test_accuracy']:.2f}% test accuracy" in page
+    assert f"{fp32['file_bytes']:,} -> {small['file_bytes']:,} bytes ({small['ratio']:.1f}x" in page
+    assert f"{demo['wall_seconds']['total']:.0f} s in all" in page
