@@ -190,7 +190,7 @@ def resolve_config(args: argparse.Namespace, with_method: bool) -> dict[str, Any
                 raise ConfigError("--no-kd turns distillation off; drop --teacher/--kd-* with it")
             kd = {}
             cfg.pop("distill", None)
-        elif not kd.get("teacher") and cfg.get("init") and _distils_from_init(cfg["method"]):
+        elif not kd.get("teacher") and cfg.get("init") and _distils_from_init(cfg.get("method")):
             kd["teacher"] = cfg["init"]  # from trained weights: KD from them by default
         if kd:
             if not kd.get("teacher"):
