@@ -113,7 +113,7 @@ def _fit_device(
     tried = []
     for bits in options:
         memory = _device_memory(least, bits, device)
-        tried.append((bits, memory))
+        tried.append(memory)
         if not device.fits(memory):
             continue
         small = least
@@ -128,7 +128,7 @@ def _fit_device(
         return small
     smallest_programs = "; ".join(
         f"{m['activations']}: {m['flash_bytes']:,} bytes of flash and {m['ram_bytes']:,} of RAM"
-        for _, m in tried
+        for m in tried
     )
     raise ConfigError(
         f"no {method} program of this model fits {_bytes(device.flash)} of flash and "
